@@ -1,0 +1,28 @@
+"""georeparam: Geometric Parameterization (GmP) for existing PyTorch models.
+
+GmP (Chen & Ge, NeurIPS 2024) writes every neuron's weight and bias in hyperspherical
+coordinates, ``w = r·u(θ)`` and ``b = r·λ``. Three lines put it on a model you already have:
+
+>>> import torch, georeparam
+>>> model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+>>> georeparam.register(model, exclude=["2"])   # the output layer stays standard
+['0']
+>>> optimizer = torch.optim.Adam(model.parameters(), lr=0.1)  # build it after registering
+"""
+
+from .api import Geometry, geometric, geometry, is_geometric, register, remove
+from .coords import canonicalize, to_cartesian, to_hyperspherical
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "geometric",
+    "register",
+    "remove",
+    "is_geometric",
+    "geometry",
+    "Geometry",
+    "to_cartesian",
+    "to_hyperspherical",
+    "canonicalize",
+]
