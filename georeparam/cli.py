@@ -1,4 +1,4 @@
-"""Command line: ``python -m georeparam demo``."""
+"""Command line: ``python -m georeparam demo`` and ``python -m georeparam reproduce NAME``."""
 
 from __future__ import annotations
 
@@ -8,17 +8,19 @@ from typing import List, Optional
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m georeparam", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train SP and GmP side by side on generated 2-D data")
-    demo.add_argument("--steps", type=int, default=600)
-    demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("command", choices=["demo", "reproduce"], help="what to run")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="the command's own arguments (see COMMAND --help)")
+    args = parser.parse_args(argv[:1])
+    rest = argv[1:]
     if args.command == "demo":
-        from .demo import run_demo
+        from .demo import main as demo_main
 
-        run_demo(steps=args.steps, seed=args.seed)
-    return 0
+        return demo_main(rest)
+    from .experiments import main as reproduce_main
+
+    return reproduce_main(rest)
 
 
 if __name__ == "__main__":

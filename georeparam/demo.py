@@ -50,3 +50,14 @@ def run_demo(steps: int = 600, seed: int = 0, width: int = 64) -> dict:
     for k, v in results.items():
         print(f"| {k} | {v['lr']} | {v['loss']:.4f} | {v['acc']:.3f} | {v['seconds']:.1f} |")
     return results
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m georeparam demo", description=__doc__)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    run_demo(steps=args.steps, seed=args.seed)
+    return 0
