@@ -62,7 +62,7 @@ __all__ = [
 def _describe(module: nn.Module) -> str:
     from torch.nn.utils import parametrize
 
-    return type(parametrize.type_before_parametrizations(module)).__name__
+    return parametrize.type_before_parametrizations(module).__name__
 
 
 def _check_layer(layer: nn.Module, what: str = "layer") -> None:
