@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import imn as _imn
 from .coords import _check_mode, to_hyperspherical
 from .parametrization import _Geometric, _GeometricBias, _check_weight_values, offset_from
 
@@ -112,7 +111,7 @@ def geometry(module: nn.Module, name: Optional[str] = None) -> Geometry:
 
 
 def _describe(module: nn.Module) -> str:
-    return parametrize.type_before_parametrizations(module).__name__
+    return type(parametrize.type_before_parametrizations(module)).__name__
 
 
 def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> Tuple[Tensor, Optional[Tensor]]:
@@ -136,10 +135,7 @@ def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> T
         params = [n for n, p in module._parameters.items() if p is not None]
         raise ValueError(f"'{name}' is not a parameter of {what}. Got: parameters {params}")
     if isinstance(weight, nn.parameter.UninitializedParameter):
-        raise ValueError(
-            f"{what}.{name} is not initialized yet (lazy module): run a forward pass first. "
-            f"Got: an UninitializedParameter"
-        )
+        raise ValueError(f"{what}.{name} is not initialized yet (lazy module): run a forward pass first")
     if weight.dim() < 2:
         raise ValueError(f"{what}.{name} must have at least 2 dimensions. Got: shape {tuple(weight.shape)}")
     _check_weight_values(weight, f"{what}.{name}")
@@ -244,11 +240,10 @@ def _register_validated(module: nn.Module, name: str, bias: Optional[str], mode:
     param = _layout(module, original_weight, mode)
     parametrize.register_parametrization(module, name, param)
     try:
-        # attached after the weight's registration: from now on right_inverse is an assignment
-        object.__setattr__(param, "_layer", module)
-        param._weight_name = name
         if has_bias:
             parametrize.register_parametrization(module, bias, _GeometricBias(module, name))
+            object.__setattr__(param, "_layer", module)
+            param._weight_name = name
             param._bias_name = bias
         param._hook_handle_id = module._register_load_state_dict_pre_hook(_load_plain_state, with_module=True).id
         # -- pickling message (begin; issue 6) --
@@ -290,7 +285,6 @@ def register(
     include: Optional[Iterable[Union[str, type]]] = None,
     exclude: Iterable[Union[str, type]] = (),
     mode: str = "exact",
-    imn: bool = False,
 ) -> List[str]:
     r"""Apply :func:`geometric` to every supported layer of ``model``.
 
@@ -301,8 +295,6 @@ def register(
         include: qualified module names and/or types to convert (default: :data:`SUPPORTED`).
         exclude: qualified module names and/or types to skip (e.g. the output layer).
         mode: see :func:`geometric`.
-        imn: also centre each registered layer's input (:func:`georeparam.input_mean_norm`,
-            momentum 0.1), as the paper pairs GmP with IMN.
 
     Returns:
         The qualified names of the registered layers.
@@ -336,16 +328,6 @@ def register(
             _validate(m, "weight", "bias", mode)
         except (TypeError, ValueError) as e:
             raise type(e)(f"register: layer {qname or '<root>'!r}: {e}") from None
-    # -- imn (begin) --
-    if not isinstance(imn, bool):
-        raise TypeError(f"register: imn must be a bool. Got: {imn!r}")
-    if imn:
-        for qname, m in chosen:
-            try:
-                _imn.check_input_mean_norm(m, "register(imn=True)")
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"register: layer {qname or '<root>'!r}: {e}") from None
-    # -- imn (end) --
     done = []
     try:
         for qname, m in chosen:
@@ -359,9 +341,6 @@ def register(
             if b is not None:
                 m._parameters["bias"] = b
         raise
-    if imn:  # -- imn --
-        for _, m in chosen:
-            _imn.input_mean_norm(m)
     return [q for q, _ in chosen]
 
 
@@ -397,9 +376,6 @@ def _remove_one(module: nn.Module) -> None:
         hid = getattr(param, "_hook_handle_id", None)
         if hid is not None:
             module._load_state_dict_pre_hooks.pop(hid, None)
-    # -- imn: fold the running mean into the (now plain) bias where exact, else keep it --
-    if _imn.has_input_mean_norm(module) and not is_geometric(module):
-        _imn.fold_input_mean_norm(module)
 
 
 def remove(model_or_module: nn.Module) -> nn.Module:
@@ -409,11 +385,6 @@ def remove(model_or_module: nn.Module) -> nn.Module:
     are exactly the tensors the parametrization computed, so outputs do not change. Works on a
     single layer or on a whole model; modules sharing a parametrized class with this one (a
     ``copy.deepcopy``) stay registered.
-
-    Input mean normalization (``register(..., imn=True)``) is folded into the bias where that is
-    exact (``Linear``; ``ConvNd`` without zero padding; ``ConvTransposeNd`` with stride 1 and
-    padding ``dilation·(kernel − 1)``), keeping evaluation outputs (≤ 1e-6 relative); otherwise
-    the normalization stays in place on the plain layer (see :mod:`georeparam.imn`).
 
     Returns:
         the same object.
