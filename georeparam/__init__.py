@@ -12,6 +12,9 @@ coordinates, ``w = r·u(θ)`` and ``b = r·λ``. Three lines put it on a model y
 
 from .api import Geometry, geometric, geometry, is_geometric, register, remove
 from .coords import canonicalize, to_cartesian, to_hyperspherical
+from .imn import input_mean_norm
+from .init import init_geometric_
+from .optim import GeometricOptimizer, param_groups
 
 __version__ = "0.1.0"
 
@@ -25,4 +28,8 @@ __all__ = [
     "to_cartesian",
     "to_hyperspherical",
     "canonicalize",
+    "init_geometric_",
+    "param_groups",
+    "GeometricOptimizer",
+    "input_mean_norm",
 ]

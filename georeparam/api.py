@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import imn as _imn
 from .coords import _check_mode, to_hyperspherical
 from .parametrization import _Geometric, _GeometricBias, _check_weight_values, offset_from
 
@@ -285,6 +286,7 @@ def register(
     include: Optional[Iterable[Union[str, type]]] = None,
     exclude: Iterable[Union[str, type]] = (),
     mode: str = "exact",
+    imn: bool = False,
 ) -> List[str]:
     r"""Apply :func:`geometric` to every supported layer of ``model``.
 
@@ -295,6 +297,8 @@ def register(
         include: qualified module names and/or types to convert (default: :data:`SUPPORTED`).
         exclude: qualified module names and/or types to skip (e.g. the output layer).
         mode: see :func:`geometric`.
+        imn: also centre each registered layer's input (:func:`georeparam.input_mean_norm`,
+            momentum 0.1), as the paper pairs GmP with IMN.
 
     Returns:
         The qualified names of the registered layers.
@@ -328,6 +332,16 @@ def register(
             _validate(m, "weight", "bias", mode)
         except (TypeError, ValueError) as e:
             raise type(e)(f"register: layer {qname or '<root>'!r}: {e}") from None
+    # -- imn (begin) --
+    if not isinstance(imn, bool):
+        raise TypeError(f"register: imn must be a bool. Got: {imn!r}")
+    if imn:
+        for qname, m in chosen:
+            try:
+                _imn.check_input_mean_norm(m, "register(imn=True)")
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"register: layer {qname or '<root>'!r}: {e}") from None
+    # -- imn (end) --
     done = []
     try:
         for qname, m in chosen:
@@ -341,6 +355,9 @@ def register(
             if b is not None:
                 m._parameters["bias"] = b
         raise
+    if imn:  # -- imn --
+        for _, m in chosen:
+            _imn.input_mean_norm(m)
     return [q for q, _ in chosen]
 
 
@@ -376,6 +393,9 @@ def _remove_one(module: nn.Module) -> None:
         hid = getattr(param, "_hook_handle_id", None)
         if hid is not None:
             module._load_state_dict_pre_hooks.pop(hid, None)
+    # -- imn: fold the running mean into the (now plain) bias where exact, else keep it --
+    if _imn.has_input_mean_norm(module) and not is_geometric(module):
+        _imn.fold_input_mean_norm(module)
 
 
 def remove(model_or_module: nn.Module) -> nn.Module:
@@ -385,6 +405,12 @@ def remove(model_or_module: nn.Module) -> nn.Module:
     are exactly the tensors the parametrization computed, so outputs do not change. Works on a
     single layer or on a whole model; modules sharing a parametrized class with this one (a
     ``copy.deepcopy``) stay registered.
+
+    Input mean normalization (``register(..., imn=True)``) is folded into the bias where that is
+    exact (``Linear``; ``ConvNd`` without zero padding; ``ConvTransposeNd`` with stride 1 and
+    padding ≥ ``dilation·(kernel − 1) + output_padding``), keeping evaluation outputs (≤ 1e-6
+    relative); otherwise the normalization stays in place on the plain layer (see
+    :mod:`georeparam.imn`).
 
     Returns:
         the same object.

@@ -1,0 +1,279 @@
+r"""Input mean normalization (IMN): centre a layer's input per feature / channel.
+
+The paper pairs GmP with IMN: each GmP layer sees ``x − μ``, where ``μ`` is the batch mean of its
+input in training (the gradient flows through the mean, as in BatchNorm) and a running mean in
+evaluation. No variance scaling, no learnable parameters.
+
+* ``Linear``: one mean per input feature (the last dimension), over all other dimensions.
+* ``ConvNd`` / ``ConvTransposeNd``: one mean per input channel (dimension 1 of a batched input),
+  over the batch and all spatial positions.
+
+The normalization is an :class:`InputMeanNorm` submodule named ``imn`` (its ``running_mean`` is a
+buffer, saved in ``state_dict`` as ``<layer>.imn.running_mean``) applied by a forward pre-hook,
+so the layer keeps its class and its own forward.
+
+# Note [Folding the running mean]
+In evaluation the layer computes ``f(x − μ)``. Where ``f`` is affine with a constant response to a
+constant input, that is ``f(x) − (f(μ·1) − b)``, and the shift can be folded into the bias:
+
+* ``Linear``: ``b' = b − W·μ``, always exact;
+* ``ConvNd``: ``b' = b − Σ_taps W·μ`` — exact when no zero padding is added (``padding = 0`` or
+  a ``padding_mode`` of ``reflect`` / ``replicate`` / ``circular``, which pad with input values
+  and so commute with centring). Zero padding pads ``x − μ`` with zeros, i.e. ``x`` with ``μ``:
+  border outputs differ, so IMN stays in place;
+* ``ConvTransposeNd``: an output position receives only some kernel taps unless ``stride = 1``
+  and ``padding ≥ dilation·(kernel − 1) + output_padding`` in every dimension (the padding crops
+  every output that would miss a tap): exact only then, otherwise IMN stays in place.
+
+A layer without bias gets one when folded (``b' = −W·μ``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+__all__ = ["input_mean_norm", "InputMeanNorm", "has_input_mean_norm", "fold_input_mean_norm", "is_foldable"]
+
+_ATTR = "imn"
+
+
+class InputMeanNorm(nn.Module):
+    r"""``x ↦ x − μ`` per feature along ``dim`` (a negative dimension, counted from the end).
+
+    Training: ``μ`` is the mean over every other dimension of this batch (differentiable), and
+    ``running_mean ← (1 − momentum)·running_mean + momentum·μ``. Evaluation: ``μ = running_mean``.
+
+    Example:
+        >>> imn = InputMeanNorm(2, dim=-1)
+        >>> x = torch.tensor([[1.0, 10.0], [3.0, 20.0]])
+        >>> imn(x)
+        tensor([[-1., -5.],
+                [ 1.,  5.]])
+        >>> imn.running_mean
+        tensor([0.2000, 1.5000])
+        >>> imn.eval()(x)
+        tensor([[ 0.8000,  8.5000],
+                [ 2.8000, 18.5000]])
+    """
+
+    def __init__(self, num_features: int, *, dim: int = -1, momentum: float = 0.1, dtype=None, device=None):
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"InputMeanNorm: num_features must be a positive int. Got: {num_features!r}")
+        if not isinstance(dim, int) or dim >= 0:
+            raise ValueError(f"InputMeanNorm: dim must be a negative int (counted from the end). Got: {dim!r}")
+        _check_momentum(momentum)
+        self.num_features = num_features
+        self.dim = dim
+        self.momentum = float(momentum)
+        self.register_buffer("running_mean", torch.zeros(num_features, dtype=dtype, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < -self.dim or x.shape[self.dim] != self.num_features:
+            raise ValueError(
+                f"InputMeanNorm: expected {self.num_features} features in dimension {self.dim} of the input. "
+                f"Got: shape {tuple(x.shape)}"
+            )
+        view = (self.num_features,) + (1,) * (-self.dim - 1)
+        if not self.training:
+            return x - self.running_mean.to(x.dtype).view(view)
+        d = x.dim() + self.dim
+        reduce = tuple(i for i in range(x.dim()) if i != d)
+        count = x.numel() // self.num_features
+        if count < 2:
+            raise ValueError(
+                f"InputMeanNorm in training needs more than one value per feature (the batch mean of a single "
+                f"value is the value itself). Got: input shape {tuple(x.shape)}"
+            )
+        mean = x.mean(dim=reduce, keepdim=True)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach().reshape(self.num_features).to(self.running_mean.dtype), self.momentum)
+        return x - mean
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, dim={self.dim}, momentum={self.momentum}"
+
+
+def _check_momentum(momentum) -> None:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (0.0 < momentum <= 1.0):
+        raise ValueError(f"input_mean_norm: momentum must be a number in (0, 1]. Got: {momentum!r}")
+
+
+def _imn_pre_hook(module: nn.Module, args: Tuple) -> Tuple:
+    # A module-level function (not a closure): deepcopy and pickling keep the hook, and it reads the
+    # normalization of whichever module it is called on, so a copy uses its own running mean.
+    return (getattr(module, _ATTR)(args[0]),) + tuple(args[1:])
+
+
+def _layout(module: nn.Module) -> Tuple[int, int]:
+    """``(number of input features, dim)`` for a supported layer; raises otherwise."""
+    if isinstance(module, nn.Linear):
+        if isinstance(module.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(f"input_mean_norm: {type(module).__name__} is not initialized yet (lazy module). Got: {module!r}")
+        return module.in_features, -1
+    if isinstance(module, _ConvNd):
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(f"input_mean_norm: {type(module).__name__} is not initialized yet (lazy module). Got: {module!r}")
+        return module.in_channels, -(len(module.kernel_size) + 1)
+    raise TypeError(
+        f"input_mean_norm supports nn.Linear, nn.ConvNd and nn.ConvTransposeNd (and subclasses). "
+        f"Got: {type(module).__name__}"
+    )
+
+
+def has_input_mean_norm(module: nn.Module) -> bool:
+    """Whether ``module`` carries an input mean normalization.
+
+    >>> layer = nn.Linear(3, 2)
+    >>> has_input_mean_norm(layer), has_input_mean_norm(input_mean_norm(layer))
+    (False, True)
+    """
+    return isinstance(getattr(module, _ATTR, None), InputMeanNorm) and any(
+        h is _imn_pre_hook for h in module._forward_pre_hooks.values()
+    )
+
+
+def check_input_mean_norm(module: nn.Module, what: str = "input_mean_norm") -> None:
+    """Every check of :func:`input_mean_norm`, changing nothing (used by ``register(imn=True)``)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{what} expects an nn.Module. Got: {type(module).__name__}")
+    _layout(module)
+    if has_input_mean_norm(module):
+        raise ValueError(f"{what}: {type(module).__name__} already has an input mean normalization. Got: {module.imn!r}")
+    if hasattr(module, _ATTR):
+        raise ValueError(f"{what}: {type(module).__name__} already has an attribute {_ATTR!r}. Got: {getattr(module, _ATTR)!r}")
+
+
+def input_mean_norm(module: nn.Module, momentum: float = 0.1) -> nn.Module:
+    r"""Centre ``module``'s input by its batch mean (training) / running mean (evaluation).
+
+    Adds an :class:`InputMeanNorm` submodule ``module.imn`` (buffer ``running_mean``, zeros at
+    first, in ``state_dict``) and a forward pre-hook that applies it; the layer keeps its class.
+    ``georeparam.register(model, imn=True)`` does this for every registered layer, and
+    ``georeparam.remove`` folds it into the bias where that is exact (Note [Folding the running
+    mean]).
+
+    Args:
+        module: an ``nn.Linear``, ``nn.ConvNd`` or ``nn.ConvTransposeNd`` (GmP-registered or not).
+        momentum: ``running_mean ← (1 − momentum)·running_mean + momentum·batch_mean``.
+
+    Returns:
+        ``module``.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> layer = input_mean_norm(nn.Linear(3, 2))
+        >>> x = torch.randn(8, 3) + 5
+        >>> torch.allclose(layer(x), nn.functional.linear(x - x.mean(0), layer.weight, layer.bias))
+        True
+        >>> sorted(layer.state_dict())
+        ['bias', 'imn.running_mean', 'weight']
+    """
+    check_input_mean_norm(module)
+    _check_momentum(momentum)
+    features, dim = _layout(module)
+    ref = module.weight
+    norm = InputMeanNorm(features, dim=dim, momentum=momentum, dtype=ref.dtype, device=ref.device)
+    module.add_module(_ATTR, norm)
+    module.register_forward_pre_hook(_imn_pre_hook)
+    return module
+
+
+def _remove(module: nn.Module) -> None:
+    for key in [k for k, h in module._forward_pre_hooks.items() if h is _imn_pre_hook]:
+        del module._forward_pre_hooks[key]
+    delattr(module, _ATTR)
+
+
+def is_foldable(module: nn.Module) -> bool:
+    """Whether folding ``module``'s IMN into its bias is exact (Note [Folding the running mean]).
+
+    >>> is_foldable(nn.Conv2d(2, 3, 3)), is_foldable(nn.Conv2d(2, 3, 3, padding=1))
+    (True, False)
+    >>> is_foldable(nn.ConvTranspose1d(2, 3, 3, padding=2)), is_foldable(nn.ConvTranspose1d(2, 3, 3, padding=1))
+    (True, False)
+    """
+    if isinstance(module, nn.Linear):
+        return True
+    if not isinstance(module, _ConvNd):
+        return False
+    if not module.transposed:
+        return module.padding_mode != "zeros" or all(p == 0 for p in module._reversed_padding_repeated_twice)
+    if isinstance(module.padding, str):
+        return False
+    # output o gets tap k from input o + p − k·d (stride 1): every tap lands inside the input for
+    # every output exactly when p ≥ d·(k − 1) + output_padding
+    return all(s == 1 for s in module.stride) and all(
+        p >= d * (k - 1) + op
+        for p, d, k, op in zip(module.padding, module.dilation, module.kernel_size, module.output_padding)
+    )
+
+
+def _shift(module: nn.Module, mean: Tensor) -> Tensor:
+    """``f(μ·1) − b`` of a foldable layer, in float64: one value per output unit."""
+    w = module.weight.detach().to(torch.float64)
+    mu = mean.to(torch.float64)
+    if isinstance(module, nn.Linear):
+        return w @ mu
+    g = module.groups
+    taps = w.flatten(2).sum(-1)  # conv (out, in/g); transposed (in, out/g)
+    if not module.transposed:
+        out, in_g = taps.shape
+        mu_out = mu.view(g, in_g).repeat_interleave(out // g, dim=0)
+        return (taps * mu_out).sum(-1)
+    in_ch, out_g = taps.shape
+    per_group = taps.view(g, in_ch // g, out_g) * mu.view(g, in_ch // g, 1)
+    return per_group.sum(1).reshape(g * out_g)
+
+
+def fold_input_mean_norm(module: nn.Module) -> bool:
+    r"""Fold the running mean of ``module``'s IMN into its bias and drop the IMN, where exact.
+
+    ``b' = b − s`` with ``s = f(μ·1) − b`` (``W·μ`` for ``Linear``), computed in float64 and
+    rounded once (Note [Folding the running
+    mean]). Evaluation outputs are kept; training-mode outputs change (there is no batch mean any
+    more). Where folding would not be exact (zero-padded convolutions, most transposed ones) the
+    IMN stays in place and ``False`` is returned. The layer's weight must be a plain Parameter
+    (``georeparam.remove`` calls this after baking GmP back).
+
+    Returns:
+        whether the IMN was folded.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> layer = input_mean_norm(nn.Linear(3, 2))
+        >>> _ = layer(torch.randn(16, 3) + 2)   # a training step updates the running mean
+        >>> x = torch.randn(4, 3)
+        >>> before = layer.eval()(x)
+        >>> fold_input_mean_norm(layer), has_input_mean_norm(layer)
+        (True, False)
+        >>> torch.allclose(layer(x), before, atol=1e-6)
+        True
+    """
+    if not has_input_mean_norm(module):
+        raise ValueError(f"fold_input_mean_norm: {type(module).__name__} has no input mean normalization. Got: {module!r}")
+    if not isinstance(module._parameters.get("weight", None), nn.Parameter):
+        raise ValueError(
+            f"fold_input_mean_norm: {type(module).__name__}.weight must be a plain Parameter (remove GmP first). "
+            f"Got: {type(module).__name__} with parametrizations"
+        )
+    if not is_foldable(module):
+        return False
+    norm = getattr(module, _ATTR)
+    with torch.no_grad():
+        shift = _shift(module, norm.running_mean)
+        bias = module._parameters.get("bias", None)
+        if bias is None:
+            weight = module.weight
+            module.bias = nn.Parameter((-shift).to(weight.dtype), requires_grad=weight.requires_grad)
+        else:
+            if not isinstance(bias, nn.Parameter):
+                raise ValueError(f"fold_input_mean_norm: {type(module).__name__}.bias must be a plain Parameter. Got: {type(bias).__name__}")
+            bias.copy_((bias.to(torch.float64) - shift).to(bias.dtype))
+    _remove(module)
+    return True
