@@ -220,10 +220,10 @@ def geometric(module: nn.Module, name: str = "weight", *, bias: Optional[str] = 
 # -- pickling message (begin; issue 6) --
 def _refuse_pickle(self):
     # Note [Pickling a registered layer]
-    # PyTorch refuses to pickle any parametrized module (``torch.save(model)``, ``pickle.dumps``,
-    # ``copy.copy`` all go through ``__getstate__`` of the class parametrize injects); its message
-    # points at a tutorial. This says which layer and what to do instead. ``copy.deepcopy`` does not
-    # come here (the injected class defines ``__deepcopy__``).
+    # PyTorch refuses to pickle any parametrized module (``torch.save(model)`` and ``pickle.dumps``
+    # go through ``__getstate__`` of the class parametrize injects); its message points at a
+    # tutorial. This says which layer and what to do instead. ``copy.deepcopy`` does not come here
+    # (the injected class defines ``__deepcopy__``).
     raise RuntimeError(
         f"Cannot pickle {type(self).__name__}: it is GmP-registered, and PyTorch pickles no "
         f"parametrized module, so torch.save(model) / pickle.dumps(model) fail. Either save "
