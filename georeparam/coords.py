@@ -202,17 +202,68 @@ def to_cartesian(angles: Tensor, *, convention: str = "latitude", mode: str = "e
 
     Example:
         >>> to_cartesian(torch.tensor([[0.0], [math.pi / 2]]))   # n = 2: (cos θ, sin θ)
-        tensor([[1.0000e+00, 0.0000e+00],
-                [-4.3711e-08, 1.0000e+00]])
-        >>> to_cartesian(torch.tensor([0.0, 0.0]), convention="polar")  # θ_1 = 0 is the first axis
+        tensor([[ 1.0000e+00,  0.0000e+00],
+                [-4.3711e-08,  1.0000e+00]])
+        >>> to_cartesian(torch.tensor([0.0, 0.0]), convention="polar").abs().round(decimals=7)  # θ_1 = 0: first axis
         tensor([1., 0., 0.])
     """
     _check_real_float(angles, "angles")
     _check_convention(convention)
     _check_mode(mode)
     if convention == "polar":
-        angles = polar_to_latitude(angles)
+        # convert in the compute dtype: π/2 − θ in float32 would shift every angle by float32's
+        # rounding of π/2 (4.4e-8), the very storage error the latitude convention avoids
+        work = compute_dtype(angles.dtype, mode)
+        return _unit(polar_to_latitude(angles.to(work)), mode).to(angles.dtype)
     return _unit(angles, mode)
+
+
+def _largest_below(x: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value not above the float64 ``x``.
+
+    float32 rounds π/2 and π *up* (by 4.4e-8 and 8.7e-8), past the poles: cos(float32(π/2)) < 0
+    and sin(float32(π)) < 0. The canonical float ranges stop one ulp earlier, so that every
+    canonical angle has cos φ > 0 (latitudes) and the last angle lies in the real (-π, π].
+    """
+    b = torch.tensor(x, dtype=dtype)
+    if float(b) > x:
+        b = torch.nextafter(b, torch.zeros_like(b))
+    return float(b)
+
+
+def _round_latitude(lat: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round float64 latitudes in [-π/2, π/2] to ``dtype`` keeping ``cos φ > 0``."""
+    bound = _largest_below(math.pi / 2, dtype)
+    return lat.to(dtype).clamp(-bound, bound)
+
+
+def _round_last(lon: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round float64 last angles in [-π, π] to ``dtype``, inside the real (-π, π]."""
+    bound = _largest_below(math.pi, dtype)
+    return lon.to(dtype).clamp(-bound, bound)
+
+
+def _round_half_turn(theta: Tensor, cos_sign: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round float64 angles in [0, π] to ``dtype`` without flipping a coordinate's sign.
+
+    # Note [Rounding keeps signs]
+    An angle within half an ulp of π/2 or π can round to the other side: atan2(1, 1e-10) rounds
+    to float32's π/2, whose cosine is -4.4e-8, so the coordinate 1e-10 would come back negative.
+    The angle is kept below π (so sin θ ≥ 0), and where ``cos θ`` disagrees with ``cos_sign`` the
+    rounded angle is moved one ulp back across π/2 (still within one ulp of θ).
+    """
+    out = theta.to(dtype).clamp(0.0, _largest_below(math.pi, dtype))
+    if out.numel() == 0:
+        return out
+    zero, big = torch.zeros_like(out), torch.full_like(out, 4.0)
+    for _ in range(3):
+        c = torch.cos(out.to(torch.float64))
+        down = (cos_sign > 0) & (c < 0)
+        up = (cos_sign < 0) & (c > 0)
+        if not bool((down | up).any()):
+            break
+        out = torch.where(down, torch.nextafter(out, zero), torch.where(up, torch.nextafter(out, big), out))
+    return out
 
 
 def to_hyperspherical(x: Tensor, *, convention: str = "latitude") -> Tuple[Tensor, Tensor]:
@@ -240,17 +291,38 @@ def to_hyperspherical(x: Tensor, *, convention: str = "latitude") -> Tuple[Tenso
         raise ValueError(f"x must have a non-empty last dimension. Got: shape {tuple(x.shape)}")
     if n == 1:
         return x[..., 0].clone(), x.new_empty(x.shape[:-1] + (0,))
+    # Note [Scaling rows]
+    # Squares of float64 entries overflow above 1e154 and underflow below 1e-154. Each row is
+    # scaled by a power of two first (exact), so any finite row gets its radius and angles.
     xd = x.to(torch.float64)
-    sq = xd * xd
+    _, e = torch.frexp(xd.abs().amax(dim=-1, keepdim=True))
+    scale = torch.pow(2.0, e.clamp(-1000, 1000).to(torch.float64))
+    xs = xd / scale
+    sq = xs * xs
     tail_sq = torch.flip(torch.cumsum(torch.flip(sq, (-1,)), dim=-1), (-1,))  # Σ_{i≥k} x_i²
-    radius = torch.sqrt(tail_sq[..., 0])
-    lat = torch.atan2(xd[..., : n - 2], torch.sqrt(tail_sq[..., 1 : n - 1]))
-    lon = torch.atan2(xd[..., n - 1], xd[..., n - 2])
-    lon = torch.where(lon <= -math.pi, lon + 2 * math.pi, lon)  # atan2(-0., x<0) = -π → π
-    angles = torch.cat([lat, lon.unsqueeze(-1)], dim=-1)
+    tail = torch.sqrt(tail_sq)
+    radius = tail[..., 0] * scale[..., 0]
+    dtype = x.dtype
     if convention == "polar":
-        angles = polar_to_latitude(angles)
-    return radius.to(x.dtype), angles.to(x.dtype)
+        first = torch.atan2(tail[..., 1 : n - 1], xs[..., : n - 2])  # θ_k ∈ [0, π]
+        first = _round_half_turn(first, xd[..., : n - 2], dtype)
+    else:
+        first = torch.atan2(xs[..., : n - 2], tail[..., 1 : n - 1])  # φ_k ∈ [-π/2, π/2]
+        first = _round_latitude(first, dtype)
+    # the last angle: |θ| = atan2(|x_n|, x_{n-1}) ∈ [0, π], then the sign of x_n (so that
+    # x_n = -0. gives +π, inside (-π, π]). Signs come from the unscaled row: a tiny entry next
+    # to a huge one underflows when scaled.
+    xa, xb = xs[..., n - 2], xs[..., n - 1]
+    lon = _round_half_turn(torch.atan2(xb.abs(), xa), xd[..., n - 2], dtype)
+    lon = torch.where(xd[..., n - 1] < 0, -lon, lon)
+    angles = torch.cat([first, lon.unsqueeze(-1)], dim=-1)
+    # a zero row (whatever the signs of its zeros) gets the fixed direction of all-zero latitudes
+    zero_row = (radius == 0).unsqueeze(-1)
+    angles = torch.where(zero_row, torch.zeros_like(angles), angles)
+    if convention == "polar":  # the same direction: θ_k = π/2 (below the pole), last angle 0
+        first_zero = torch.full_like(first, _largest_below(math.pi / 2, dtype))
+        angles = torch.where(zero_row, torch.cat([first_zero, torch.zeros_like(lon).unsqueeze(-1)], -1), angles)
+    return radius.to(dtype), angles
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,9 +330,54 @@ def to_hyperspherical(x: Tensor, *, convention: str = "latitude") -> Tuple[Tenso
 # ---------------------------------------------------------------------------------------------
 
 
+# 2π in three parts of 26 significant bits each: k·part is exact for |k| < 2**27, so the
+# reduction below keeps a drifted angle of 1e6 exact to ~1e-16 (a float64 ``remainder`` by
+# 2·math.pi is off by k·2.4e-16: 4e-11 at 1e6).
+_TWO_PI_HI = float.fromhex("0x1.921fb50000000p+2")
+_TWO_PI_MID = float.fromhex("0x1.110b460000000p-24")
+_TWO_PI_LO = float.fromhex("0x1.1a62633145c07p-52")
+
+
+def _reduce(x: Tensor, k: Tensor) -> Tensor:
+    return ((x - k * _TWO_PI_HI) - k * _TWO_PI_MID) - k * _TWO_PI_LO
+
+
 def _wrap(x: Tensor) -> Tensor:
-    """Wrap to (-π, π] (float64 in, float64 out)."""
-    return math.pi - torch.remainder(math.pi - x, 2 * math.pi)
+    """Wrap float64 angles to [-π, π] (float64's π); angles already there come back unchanged."""
+    k = torch.round(x / (2 * math.pi))
+    r = _reduce(x, k)
+    k = k + (r > math.pi).to(x.dtype) - (r < -math.pi).to(x.dtype)
+    r = _reduce(x, k)
+    # an angle on the boundary can round one ulp outside after the shift: pull it in
+    # (as r − (r − bound): exact by Sterbenz, and the derivative stays 1)
+    r = torch.where(r > math.pi, r - (r - math.pi).detach(), r)
+    return torch.where(r < -math.pi, r - (r + math.pi).detach(), r)
+
+
+def _canonical64(r: Tensor, a: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """canonical_parts in float64, before rounding (n ≥ 2)."""
+    lat = _wrap(a[..., :-1])
+    flip = lat.abs() > math.pi / 2  # cos φ < 0: fold φ → ±π − φ and negate everything after it
+    lat = torch.where(flip, torch.where(lat > 0, math.pi - lat, -math.pi - lat), lat)
+    # parity of the flips strictly before k: negate (φ → −φ) the later latitudes of odd parity
+    flips = flip.to(torch.int64)
+    before = torch.cumsum(flips, dim=-1) - flips
+    odd = (before % 2) == 1
+    lat = torch.where(odd, -lat, lat)
+    lat_sign = torch.where(flip ^ odd, -1.0, 1.0).to(torch.float64)
+    total_odd = (flips.sum(dim=-1, keepdim=True) % 2) == 1
+    # a negative radius: negate the direction (all latitudes φ → −φ, θ → θ + π) and the radius
+    neg = (r < 0).unsqueeze(-1)
+    lat = torch.where(neg, -lat, lat)
+    lat_sign = torch.where(neg, -lat_sign, lat_sign)
+    # the last angle: reduce first (adding π to a drifted 1e6 would round), then shift by π once
+    # per odd number of negations, then reduce again
+    lon = _wrap(a[..., -1:])
+    lon = _wrap(torch.where(total_odd ^ neg, lon + math.pi, lon))
+    radius_sign = torch.where(r < 0, -1.0, 1.0).to(torch.float64)
+    out_angles = torch.cat([lat, lon], dim=-1)
+    angle_sign = torch.cat([lat_sign, torch.ones_like(lon)], dim=-1)
+    return r * radius_sign, out_angles, radius_sign, angle_sign
 
 
 def canonical_parts(radius: Tensor, angles: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -278,31 +395,13 @@ def canonical_parts(radius: Tensor, angles: Tensor) -> Tuple[Tensor, Tensor, Ten
     n = angles.shape[-1] + 1
     if n == 1:
         return radius.clone(), angles.clone(), torch.ones_like(radius), torch.ones_like(angles)
-    a = angles.to(torch.float64)
-    r = radius.to(torch.float64)
-    lat = _wrap(a[..., :-1])
-    flip = lat.abs() > math.pi / 2  # cos φ < 0: fold φ → ±π − φ and negate everything after it
-    lat = torch.where(flip, torch.where(lat > 0, math.pi - lat, -math.pi - lat), lat)
-    # parity of the flips strictly before k: negate (φ → −φ) the later latitudes of odd parity
-    flips = flip.to(torch.int64)
-    before = torch.cumsum(flips, dim=-1) - flips
-    odd = (before % 2) == 1
-    lat = torch.where(odd, -lat, lat)
-    lat_sign = torch.where(flip ^ odd, -1.0, 1.0).to(torch.float64)
-    total_odd = (flips.sum(dim=-1, keepdim=True) % 2) == 1
-    lon = a[..., -1:] + torch.where(total_odd, math.pi, 0.0)
-    # a negative radius: negate the direction (all latitudes φ → −φ, θ → θ + π) and the radius
-    neg = (r < 0).unsqueeze(-1)
-    lat = torch.where(neg, -lat, lat)
-    lat_sign = torch.where(neg, -lat_sign, lat_sign)
-    lon = _wrap(torch.where(neg, lon + math.pi, lon))
-    lon = torch.where(lon <= -math.pi, lon + 2 * math.pi, lon)
-    radius_sign = torch.where(r < 0, -1.0, 1.0).to(torch.float64)
-    out_angles = torch.cat([lat, lon], dim=-1)
-    angle_sign = torch.cat([lat_sign, torch.ones_like(lon)], dim=-1)
+    r, a, radius_sign, angle_sign = _canonical64(radius.to(torch.float64), angles.to(torch.float64))
+    # rounded inside the dtype's canonical range (float32's π/2 and π round past the poles)
+    d = angles.dtype
+    out_angles = torch.cat([_round_latitude(a[..., :-1], d), _round_last(a[..., -1:], d)], dim=-1)
     return (
-        (r * radius_sign).to(radius.dtype),
-        out_angles.to(angles.dtype),
+        r.to(radius.dtype),
+        out_angles,
         radius_sign.to(radius.dtype),
         angle_sign.to(angles.dtype),
     )
@@ -331,10 +430,18 @@ def canonicalize(
     _check_real_float(angles, "angles")
     _check_convention(convention)
     if convention == "polar":
-        angles = polar_to_latitude(angles)
-    r, a, radius_sign, _ = canonical_parts(radius, angles)
-    if convention == "polar":
-        a = latitude_to_polar(a)
+        # converted in float64 both ways and rounded once (see to_cartesian)
+        if angles.shape[-1] == 0:
+            r, a, radius_sign, _ = canonical_parts(radius, angles)
+        else:
+            d = angles.dtype
+            r64, a64, sign64, _ = _canonical64(radius.to(torch.float64), polar_to_latitude(angles.to(torch.float64)))
+            theta = latitude_to_polar(a64)
+            first = theta[..., :-1].to(d).clamp(0.0, _largest_below(math.pi, d))
+            a = torch.cat([first, _round_last(theta[..., -1:], d)], dim=-1)
+            r, radius_sign = r64.to(radius.dtype), sign64.to(radius.dtype)
+    else:
+        r, a, radius_sign, _ = canonical_parts(radius, angles)
     if offset is not None:
         offset = offset * radius_sign
     return r, a, offset
