@@ -112,7 +112,7 @@ def geometry(module: nn.Module, name: Optional[str] = None) -> Geometry:
 
 
 def _describe(module: nn.Module) -> str:
-    return type(parametrize.type_before_parametrizations(module)).__name__
+    return parametrize.type_before_parametrizations(module).__name__
 
 
 def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> Tuple[Tensor, Optional[Tensor]]:
@@ -136,7 +136,10 @@ def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> T
         params = [n for n, p in module._parameters.items() if p is not None]
         raise ValueError(f"'{name}' is not a parameter of {what}. Got: parameters {params}")
     if isinstance(weight, nn.parameter.UninitializedParameter):
-        raise ValueError(f"{what}.{name} is not initialized yet (lazy module): run a forward pass first")
+        raise ValueError(
+            f"{what}.{name} is not initialized yet (lazy module): run a forward pass first. "
+            f"Got: an UninitializedParameter"
+        )
     if weight.dim() < 2:
         raise ValueError(f"{what}.{name} must have at least 2 dimensions. Got: shape {tuple(weight.shape)}")
     _check_weight_values(weight, f"{what}.{name}")
@@ -241,10 +244,11 @@ def _register_validated(module: nn.Module, name: str, bias: Optional[str], mode:
     param = _layout(module, original_weight, mode)
     parametrize.register_parametrization(module, name, param)
     try:
+        # attached after the weight's registration: from now on right_inverse is an assignment
+        object.__setattr__(param, "_layer", module)
+        param._weight_name = name
         if has_bias:
             parametrize.register_parametrization(module, bias, _GeometricBias(module, name))
-            object.__setattr__(param, "_layer", module)
-            param._weight_name = name
             param._bias_name = bias
         param._hook_handle_id = module._register_load_state_dict_pre_hook(_load_plain_state, with_module=True).id
         # -- pickling message (begin; issue 6) --

@@ -20,6 +20,7 @@ from typing import Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .coords import _check_mode, _unit, to_hyperspherical
 
@@ -80,7 +81,23 @@ class _Geometric(nn.Module):
         # Note [Assigning the weight]
         # ``layer.weight = W`` ends here. The bias b = r·λ must keep its value, so λ is rescaled to
         # b / r_new. This is the only place that sees both the old and the new radius.
-        _check_weight_values(weight, "weight")
+        # Everything is checked before the offset is touched: PyTorch's own checks of our result
+        # (dtype) run after this returns, when the rescaled offset would already be written.
+        layer = getattr(self, "_layer", None)
+        what = "weight"
+        if layer is not None:  # an assignment (at registration the layer is not attached yet)
+            what = f"{parametrize.type_before_parametrizations(layer).__name__}.{self._weight_name}"
+            current = layer.parametrizations[self._weight_name].original0
+            if not isinstance(weight, Tensor):
+                raise TypeError(f"{what} must be assigned a Tensor. Got: {type(weight).__name__}")
+            if weight.dtype != current.dtype or weight.device != current.device:
+                raise TypeError(
+                    f"{what} must be assigned a tensor of dtype {current.dtype} on {current.device}. "
+                    f"Got: dtype {weight.dtype} on {weight.device}"
+                )
+        if tuple(weight.shape) != tuple(self.shape):
+            raise ValueError(f"{what} must have shape {tuple(self.shape)}. Got: {tuple(weight.shape)}")
+        _check_weight_values(weight, what)
         with torch.no_grad():
             radius, angles = to_hyperspherical(self.to_units(weight))
             if self._bias_name is not None:
@@ -88,7 +105,7 @@ class _Geometric(nn.Module):
                 bias_list = layer.parametrizations[self._bias_name]
                 old_radius = layer.parametrizations[self._weight_name].original0
                 bias = old_radius.to(torch.float64) * bias_list.original.to(torch.float64)
-                offset = offset_from(bias, radius, "bias")
+                offset = offset_from(bias, radius, f"{what} (keeping {self._bias_name})")
                 bias_list.original.copy_(offset)
         return radius, angles
 
@@ -124,9 +141,20 @@ class _GeometricBias(nn.Module):
         return self._radius() * offset
 
     def right_inverse(self, bias: Tensor) -> Tensor:
-        _check_weight_values(bias, "bias")
+        radius = self._radius()
+        what = f"{parametrize.type_before_parametrizations(self._layer).__name__}.bias"
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"{what} must be assigned a Tensor. Got: {type(bias).__name__}")
+        if bias.dtype != radius.dtype or bias.device != radius.device:
+            raise TypeError(
+                f"{what} must be a tensor of dtype {radius.dtype} on {radius.device}. "
+                f"Got: dtype {bias.dtype} on {bias.device}"
+            )
+        if tuple(bias.shape) != tuple(radius.shape):  # b = r·λ would broadcast silently
+            raise ValueError(f"{what} must have shape {tuple(radius.shape)}, one per unit. Got: {tuple(bias.shape)}")
+        _check_weight_values(bias, what)
         with torch.no_grad():
-            return offset_from(bias, self._radius(), "bias")
+            return offset_from(bias, radius, what)
 
     def extra_repr(self) -> str:
         return f"radius_from={self.weight_name!r}"
