@@ -402,3 +402,26 @@ def test_bad_construction_is_refused():
         GeometricOptimizer(list(model.parameters()), model)
     with pytest.raises(TypeError, match="already wrapped"):
         GeometricOptimizer(GeometricOptimizer(opt, model), model)
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/training.md: its snippets run, in order, as one script
+# ---------------------------------------------------------------------------------------------
+
+
+def test_training_doc_snippets_run(capsys):
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "training.md"
+    if not doc.exists():
+        pytest.skip("docs/training.md not found")
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) >= 4
+    exec(compile("\n".join(blocks), str(doc), "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "[('angles', 0.1, 0.0), ('radius', 0.1, 0.0001), ('offset', 0.1, 0.0), ('other', 0.1, 0.0001)]",
+        "['bias', 'imn.running_mean', 'weight']",
+        "True",
+    ]
