@@ -228,9 +228,9 @@ class GeometricOptimizer(torch.optim.Optimizer):
         >>> _ = georeparam.register(model)
         >>> base = torch.optim.Adam(georeparam.param_groups(model, lr=0.3))
         >>> optimizer = GeometricOptimizer(base, model)
-        >>> scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=50, gamma=0.5)
+        >>> scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=20, gamma=0.5)
         >>> x, y = torch.randn(32, 3), torch.randn(32, 1)
-        >>> for _ in range(100):
+        >>> for _ in range(40):
         ...     optimizer.zero_grad()
         ...     torch.nn.functional.mse_loss(model(x), y).backward()
         ...     optimizer.step()
