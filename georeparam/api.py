@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from . import imn as _imn
 from .coords import _check_mode, to_hyperspherical
-from .parametrization import _Geometric, _GeometricBias, _check_weight_values, offset_from
+from .parametrization import _Geometric, _GeometricBias, _check_radius, _check_weight_values, offset_from
 
 __all__ = ["geometric", "register", "remove", "is_geometric", "geometry", "Geometry", "SUPPORTED"]
 
@@ -143,6 +143,12 @@ def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> T
     if weight.dim() < 2:
         raise ValueError(f"{what}.{name} must have at least 2 dimensions. Got: shape {tuple(weight.shape)}")
     _check_weight_values(weight, f"{what}.{name}")
+    # -- radius overflow check (begin; issue 6): finite entries whose row norm is not --
+    with torch.no_grad():
+        rows = _layout(module, weight).to_units(weight.detach()).to(torch.float64)
+        top = rows.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        _check_radius((top[:, 0] * torch.linalg.vector_norm(rows / top, dim=-1)).to(weight.dtype), f"{what}.{name}")
+    # -- radius overflow check (end) --
     b = None
     if bias is not None:
         if bias in module._parameters and module._parameters[bias] is not None:
@@ -461,6 +467,7 @@ def _load_plain_state(module, state_dict, prefix, local_metadata, strict, missin
         try:
             _check_weight_values(weight, wkey)
             radius, angles = to_hyperspherical(param.to_units(weight))
+            _check_radius(radius, wkey)  # issue 6: rows whose norm overflows the dtype
             bname = param._bias_name
             converted = {rkey: radius, akey: angles}
             if bname is not None:
