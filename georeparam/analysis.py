@@ -856,8 +856,8 @@ def plot_boundaries_2d(
         if hist.dim() != 3 or hist.shape[1:] != pts.shape:
             raise ValueError(f"trajectories must be (steps, {pts.shape[0]}, 2). Got: {tuple(hist.shape)}")
         for k in range(hist.shape[1]):
-            ax.plot(hist[:, k, 0].numpy(), hist[:, k, 1].numpy(), color="tab:green", lw=0.8, alpha=0.6)
-        ax.scatter(hist[0, :, 0].numpy(), hist[0, :, 1].numpy(), marker=".", s=12, color="tab:green", alpha=0.6)
+            ax.plot(hist[:, k, 0].numpy(), hist[:, k, 1].numpy(), color="tab:green", lw=0.6, alpha=0.45)
+        ax.scatter(hist[0, :, 0].numpy(), hist[0, :, 1].numpy(), marker=".", s=10, color="tab:green", alpha=0.6)
     if boundaries:
         diag = float(torch.linalg.vector_norm(hi - lo))
         for k in range(pts.shape[0]):
@@ -865,7 +865,7 @@ def plot_boundaries_2d(
                 continue
             t = torch.tensor([-dirs[k, 1], dirs[k, 0]], dtype=torch.float64)  # along the line
             a, c = pts[k] - 2 * diag * t, pts[k] + 2 * diag * t
-            ax.plot([float(a[0]), float(c[0])], [float(a[1]), float(c[1])], color="0.35", lw=0.5, alpha=0.5)
+            ax.plot([float(a[0]), float(c[0])], [float(a[1]), float(c[1])], color="0.35", lw=0.4, alpha=0.3)
     ax.scatter(pts[:, 0].numpy(), pts[:, 1].numpy(), marker="*", s=40, color="gold", edgecolors="k", linewidths=0.5, zorder=5, label="characteristic points")
     ax.set_xlim(float(lo[0]), float(hi[0]))
     ax.set_ylim(float(lo[1]), float(hi[1]))
