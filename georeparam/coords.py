@@ -39,10 +39,13 @@ empty angle tensor, and ``to_cartesian`` returns ``+1``.
 A zero vector gets radius 0 and all angles 0 (the direction ``e_{n-1}``), so ``r · u`` is
 exactly zero again.
 
-Precision of :func:`to_cartesian`: ``mode="exact"`` (default) evaluates sines, cosines and the
-cumulative product in float64 and rounds once; ``mode="fast"`` computes in the input's dtype
-(float32 at least) and loses about ``√n·eps`` relative to the product (measured in
-``benchmarks/speed.py``).
+Precision of :func:`to_cartesian` for float32 angles (relative error of each unit vector against
+a float64 evaluation of the same angles, worst of 16 random directions; ``docs/speed.md``):
+``mode="exact"`` (default) evaluates the cosines and their running product in float64, the rest
+in float32: 4.4e-8 at every n up to 25,088. ``mode="fast"`` stays in float32: 5.3e-7 at n = 784,
+1.5e-6 at 4,608, 6.6e-6 at 25,088 (a random walk of the cosines' roundings, ~√n·eps/4). Both
+are computed by one fused autograd Function with an analytic backward (float32, gradient error
+5e-8 exact / up to 5e-6 fast); see Note [Backward without the cumprod graph].
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -79,7 +83,11 @@ def _check_real_float(x: Tensor, what: str) -> None:
 
 
 def compute_dtype(dtype: torch.dtype, mode: str) -> torch.dtype:
-    """The dtype the map is evaluated in: float64 for ``exact``, float32 or better for ``fast``."""
+    """The dtype of the cosines' running product: float64 for ``exact``, float32 or better for ``fast``.
+
+    Everything else (sines, the output, the backward) is evaluated in float32 or better in both
+    modes; see Note [Where float64 is needed].
+    """
     if mode == "exact":
         return torch.float64
     return torch.promote_types(dtype, torch.float32)
@@ -109,82 +117,412 @@ def latitude_to_polar(angles: Tensor) -> Tensor:
 # The map and its analytic backward
 # ---------------------------------------------------------------------------------------------
 
+# Note [Blocks of rows]
+# The map and its backward are a dozen elementwise passes and two scans over the whole weight.
+# On CPU they run one block of ~2**18 elements (whole rows) at a time: each pass then touches a
+# block that sits in the core's cache instead of main memory, and the temporaries (float64 ones
+# too) are a block's size, not the weight's, so the extra peak memory of a training step stays
+# near the tensors that must be kept. Other devices take the whole tensor as one block (a kernel
+# launch per op and block would cost more than it saves).
+_BLOCK_ELEMENTS = 1 << 18
 
-def _unit_from(lat: Tensor, lon: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Unit vectors from latitudes (..., n-2) and the last angle (..., 1), all in one dtype.
 
-    Returns ``(u, cos_lat, sin_lat, prefix)`` where ``prefix[..., k] = ∏_{j≤k} cos φ_j``.
+def _block_rows(fan_in: int) -> int:
+    return max(1, _BLOCK_ELEMENTS // max(fan_in, 1))
+
+
+# Note [float32 sin and cos on CPU]
+# torch's float32 cos (SLEEF, ≤ 1 ulp) errs with a bias just below 1 (-0.016 ulp on average over
+# small angles, -0.05 ulp on the latitudes of a random direction at n = 25,088), and a product
+# of n cosines adds those biases up: that alone made ``fast`` mode 5.5e-5 off at n = 25,088.
+# numpy's SIMD float32 sin/cos are within 0.51 ulp with no measurable bias and run 2.4× faster on
+# one core (single-threaded; on two threads they tie with torch's). Plain CPU float32 tensors go
+# through numpy, writing in place through a shared-memory view; anything else uses torch.
+
+
+def _numpy_ok(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and _is_plain(*tensors)
+
+
+def _sin_into(x: Tensor, out: Tensor) -> None:
+    if _numpy_ok(x, out):
+        np.sin(x.detach().numpy(), out=out.detach().numpy())
+    else:
+        torch.sin(x, out=out)
+
+
+def _cos(x: Tensor) -> Tensor:
+    if _numpy_ok(x):
+        return torch.from_numpy(np.cos(x.detach().numpy()))
+    return torch.cos(x)
+
+
+def _unit_block(lat: Tensor, exact: bool, u: Tensor, prefix: Tensor) -> None:
+    """Write ``u[:, :n-2]`` and ``prefix`` ``(rows, n-2)`` for latitudes ``(rows, n-2)``.
+
+    ``prefix[:, k] = ∏_{j≤k} cos φ_j``.
+
+    # Note [Where float64 is needed]
+    Almost every ``cos φ_j`` of a high-dimensional direction sits just below 1, where float32's
+    spacing is 6e-8; a product of ``n`` of them carries ``n`` rounding errors (~√n·3e-8, more
+    if they lean one way: Note [float32 sin and cos on CPU]). ``exact`` evaluates the cosines
+    and their running product in float64 and rounds the product once. The sines stay in the
+    working dtype: each enters one coordinate once, so their rounding costs eps/2 per
+    coordinate, not a sum over n. (The running product itself is not the problem on CPU: torch's
+    ``cumprod`` accumulates float32 in double.)
     """
-    c = torch.cos(lat)
-    s = torch.sin(lat)
-    prefix = torch.cumprod(c, dim=-1)
-    ones = torch.ones_like(lon)
-    before = torch.cat([ones, prefix[..., :-1]], dim=-1)  # ∏_{j<k} cos φ_j
-    tail = prefix[..., -1:] if lat.shape[-1] > 0 else ones
-    u = torch.cat([s * before, tail * torch.cos(lon), tail * torch.sin(lon)], dim=-1)
-    return u, c, s, prefix
+    m = lat.shape[-1]
+    if exact and lat.dtype != torch.float64:
+        prefix.copy_(torch.cumprod(torch.cos(lat.to(torch.float64)), -1))
+    else:
+        torch.cumprod(_cos(lat), -1, out=prefix)
+    head = u[:, :m]
+    _sin_into(lat, head)
+    head[:, 1:].mul_(prefix[:, :-1])  # u_k = sin φ_k · ∏_{j<k} cos φ_j
+
+
+def _unit_forward(angles: Tensor, exact: bool, radius: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+    """``(u, prefix)``, or ``(r·u, u, prefix)`` with ``radius``, block by block (Note [Blocks of rows])."""
+    if torch.compiler.is_compiling():
+        return _unit_forward_traced(angles, exact, radius)
+    n = angles.shape[-1] + 1
+    m = n - 2
+    lead = angles.shape[:-1]
+    rows = math.prod(lead)
+    a = angles.reshape(rows, n - 1)
+    u = a.new_empty(rows, n)
+    prefix = a.new_empty(rows, m)
+    if m > 0:
+        step = _block_rows(n) if a.device.type == "cpu" else max(rows, 1)
+        for lat_b, u_b, p_b in zip(a[:, :m].split(step), u.split(step), prefix.split(step)):
+            _unit_block(lat_b, exact, u_b, p_b)
+    # the last pair: (cos θ, sin θ) · ∏ cos φ
+    lon = a[:, m:]
+    torch.cos(lon, out=u[:, m : m + 1])
+    torch.sin(lon, out=u[:, m + 1 :])
+    if m > 0:
+        u[:, m:].mul_(prefix[:, m - 1 :])
+    u_out = u.reshape(lead + (n,))
+    prefix = prefix.reshape(lead + (m,))
+    if radius is None:
+        return u_out, prefix
+    return (u * radius.reshape(rows, 1)).reshape(lead + (n,)), u_out, prefix
+
+
+def _unit_forward_traced(angles: Tensor, exact: bool, radius: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+    """:func:`_unit_forward` in out-of-place ops, for ``torch.compile`` (which fuses the passes itself)."""
+    m = angles.shape[-1] - 1
+    lat, lon = angles[..., :m], angles[..., m:]
+    if exact and angles.dtype != torch.float64:
+        prefix = torch.cumprod(torch.cos(lat.to(torch.float64)), -1).to(angles.dtype)
+    else:
+        prefix = torch.cumprod(torch.cos(lat), -1)
+    before = torch.cat([torch.ones_like(lon), prefix[..., :-1]], dim=-1)
+    tail = prefix[..., m - 1 :] if m > 0 else torch.ones_like(lon)
+    u = torch.cat([torch.sin(lat) * before[..., :m], tail * torch.cos(lon), tail * torch.sin(lon)], dim=-1)
+    if radius is None:
+        return u, prefix
+    return radius.unsqueeze(-1) * u, u, prefix
+
+
+def _grad_block(g: Tensor, gp: Optional[Tensor], u: Tensor, prefix: Tensor) -> Tuple[Tensor, Tensor]:
+    """Gradient of ``⟨g, u⟩ + ⟨gp, prefix⟩`` with respect to the angles, and ``Σ_i g_i u_i``.
+
+    # Note [Backward without the cumprod graph]
+    With ``S_k = Σ_{i>k} g_i u_i + Σ_{i≥k} p_i prefix_i`` (reverse cumulative sums; ``p`` is the
+    gradient reaching ``prefix``, zero unless something differentiates through it) the gradient is
+
+        ∂/∂φ_k = g_k · prefix_k − tan φ_k · S_k              (k ≤ n-2)
+        ∂/∂θ   = g_n · u_{n-1} − g_{n-1} · u_n             (the last angle)
+
+    and ``tan φ_k = u_k / prefix_k`` comes from the two saved tensors without a sine or cosine.
+    Every term of ``S_k`` carries the factor ``cos φ_k``, as ``prefix_k`` does, so their ratio
+    stays exact next to the poles (polar θ = 0 or π, where ``cos φ_k`` is tiny but never exactly
+    zero for a finite float). The sums run from the end, so ``S_k`` is accurate relative to its
+    own size there, not to the whole sum. Where ``prefix_k`` underflows to 0, every ``u_i`` after
+    it is 0 as well and ``S_k = 0``; the divisor 1 put in there only avoids 0/0.
+
+    Written in out-of-place differentiable ops of the saved *outputs*, so it also runs under
+    ``vmap`` (``jacrev`` batches the cotangents) and can be differentiated again (Hessians). That
+    second derivative is exact away from the poles; at a pole the quotient ``S_k / prefix_k``
+    differentiates into two terms of size ``1/cos φ_k`` that cancel, so it loses about
+    ``eps / cos φ_k`` (first derivatives stay exact there).
+    """
+    m = prefix.shape[-1]
+    gu = g * u
+    v = gu[..., 1:]
+    if gp is not None and m > 0:
+        v = v + torch.cat([gp * prefix, torch.zeros_like(gp[..., :1])], dim=-1)
+    S = v.flip(-1).cumsum(-1).flip(-1)[..., :m]
+    den = torch.where(prefix == 0, 1.0, prefix)
+    g_lat = g[..., :m] * prefix - (u[..., :m] / den) * S
+    g_lon = g[..., m + 1 :] * u[..., m : m + 1] - g[..., m : m + 1] * u[..., m + 1 :]
+    return torch.cat([g_lat, g_lon], dim=-1), gu.sum(-1)
+
+
+def _grad_block_into(g: Tensor, u: Tensor, prefix: Tensor, out: Tensor, sums: Tensor, guard: bool) -> None:
+    """The latitude part of :func:`_grad_block` for one block of plain tensors, written into
+    ``out`` ``(rows, n-2)``, and ``Σ_i g_i u_i`` into ``sums``.
+
+    The same formula with in-place ops on block-sized temporaries; see Note [Blocks of rows].
+    """
+    m = prefix.shape[-1]
+    S = (g[:, 1:] * u[:, 1:]).flip(-1)
+    S.cumsum_(-1)
+    S = S.flip(-1)  # S[:, k] = Σ_{i>k} g_i u_i
+    torch.addcmul(S[:, 0], g[:, 0], u[:, 0], out=sums)
+    if not guard:
+        tan = u[:, :m] / prefix
+    else:
+        den = torch.where(prefix == 0, 1.0, prefix)
+        tan = torch.div(u[:, :m], den, out=den)
+    tan.mul_(S[:, :m])
+    torch.mul(g[:, :m], prefix, out=out)
+    out.sub_(tan)
+
+
+def _is_plain(*tensors: Optional[Tensor]) -> bool:
+    """Eager, and no tensor is a functorch wrapper (vmap/grad level) or a subclass other than Parameter."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(
+        t is None
+        or (type(t) in (Tensor, torch.nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+        for t in tensors
+    )
+
+
+def _unit_backward(
+    g: Optional[Tensor], gp: Optional[Tensor], u: Tensor, prefix: Tensor, scale: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """``(grad_angles · scale, Σ_i g_i u_i)``: the gradient of ``⟨g, u⟩ + ⟨gp, prefix⟩``.
+
+    ``scale`` (one factor per row) multiplies only the angle gradient; it must be ``None`` when
+    ``gp`` is given. A plain first-order backward (the training step) runs block by block in place
+    (:func:`_grad_block_into`); under ``torch.func``, ``torch.compile`` or ``create_graph`` the
+    whole tensor goes through the differentiable :func:`_grad_block`.
+    """
+    n = u.shape[-1]
+    lead = u.shape[:-1]
+    rows = math.prod(lead)
+    if g is None:
+        g = torch.zeros_like(u)
+    if gp is None and not torch.is_grad_enabled() and _is_plain(g, u, prefix, scale):
+        m = n - 2
+        g2, u2, p2 = g.reshape(rows, n), u.reshape(rows, n), prefix.reshape(rows, m)
+        out = u.new_empty(rows, n - 1)
+        if m > 0:
+            sums = u.new_empty(rows)
+            cpu = u.device.type == "cpu"
+            step = _block_rows(n) if cpu else max(rows, 1)
+            # |prefix| never grows along a row, so a row has a zero iff its last entry is zero (a
+            # cheap check on CPU; elsewhere the guarded division runs without a sync)
+            guard = not cpu or bool((p2[:, -1] == 0).any())
+            blocks = zip(g2.split(step), u2.split(step), p2.split(step), out[:, :m].split(step), sums.split(step))
+            for g_b, u_b, p_b, out_b, sums_b in blocks:
+                _grad_block_into(g_b, u_b, p_b, out_b, sums_b, guard)
+        else:
+            sums = (g2 * u2).sum(-1)
+        # the last angle: g_n · u_{n-1} − g_{n-1} · u_n
+        lon = out[:, m:]
+        torch.mul(g2[:, m + 1 :], u2[:, m : m + 1], out=lon)
+        lon.sub_(g2[:, m : m + 1] * u2[:, m + 1 :])
+        if scale is not None:
+            out.mul_(scale.reshape(rows, 1))
+        return out.reshape(lead + (n - 1,)), sums.reshape(lead)
+    grad, sums = _grad_block(g, gp, u, prefix)
+    if scale is not None:
+        grad = grad * scale.unsqueeze(-1)
+    return grad, sums
+
+
+def _unit_jvp(da: Tensor, u: Tensor, prefix: Tensor) -> Tuple[Tensor, Tensor]:
+    """Forward-mode tangents ``(du, dprefix)`` for an angle tangent ``da`` (for ``jacfwd``/``hessian``).
+
+    With ``C_k = Σ_{j≤k} tan φ_j · dφ_j``: ``dprefix_k = −prefix_k · C_k``,
+    ``du_k = prefix_k · dφ_k − u_k · C_{k−1}`` for the latitudes and, for the last pair,
+    ``du_{n−1} = −u_n · dθ − u_{n−1} · C_{n−2}``, ``du_n = u_{n−1} · dθ − u_n · C_{n−2}``. The large
+    ``tan φ_j`` of a pole only ever meets coordinates that carry its small ``cos φ_j``.
+    """
+    m = prefix.shape[-1]
+    den = torch.where(prefix == 0, 1.0, prefix)
+    C = ((u[..., :m] / den) * da[..., :m]).cumsum(-1)
+    dprefix = -prefix * C
+    Cex = torch.cat([torch.zeros_like(da[..., :1]), C], dim=-1)  # C_{k−1}, k = 0..m
+    dl, last = da[..., m:], Cex[..., m:]
+    du = torch.cat(
+        [
+            prefix * da[..., :m] - u[..., :m] * Cex[..., :m],
+            -u[..., m + 1 :] * dl - u[..., m : m + 1] * last,
+            u[..., m : m + 1] * dl - u[..., m + 1 :] * last,
+        ],
+        dim=-1,
+    )
+    return du, dprefix
 
 
 class _UnitVector(torch.autograd.Function):
-    """``u(angles)`` for n ≥ 2 in latitude form, with an analytic backward.
+    """``angles → (u, prefix)`` for latitude angles (``n ≥ 2``), with an analytic backward.
 
-    # Note [Backward without the cumprod graph]
-    With ``S_k = Σ_{i>k} g_i u_i`` (a reverse cumulative sum) the gradient of ``⟨g, u⟩`` is
-
-        ∂/∂φ_k = g_k ∏_{j≤k} cos φ_j − tan φ_k · S_k           (k ≤ n-2)
-        ∂/∂θ   = ∏_{j≤n-2} cos φ_j · (g_n cos θ − g_{n-1} sin θ)  (the last angle)
-
-    ``S_k`` carries the factor ``cos φ_k`` of every ``u_i`` with ``i > k``, so ``S_k / cos φ_k``
-    is a well-conditioned division: it stays exact next to the poles (polar θ = 0 or π), where
-    ``cos φ_k`` is tiny but never exactly zero for a finite float argument. Nothing of the
-    forward's intermediate ``cumprod`` graph is kept; the backward recomputes it.
+    Forward and backward stay in the dtype of the angles (float32 or float64; :func:`_unit`
+    promotes half precision first); ``exact=True`` adds the float64 product of Note [Where float64
+    is needed]. The saved tensors are the two outputs: nothing of the forward's cos/sin/cumprod
+    graph is kept and nothing is recomputed. ``prefix`` is an output so that ``setup_context``
+    can save it (the form ``torch.func`` and ``torch.compile`` need); callers ignore it.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(angles: Tensor, work_dtype: torch.dtype) -> Tensor:  # type: ignore[override]
-        a = angles.to(work_dtype)
-        u, _, _, _ = _unit_from(a[..., :-1], a[..., -1:])
-        return u.to(angles.dtype)
+    def forward(angles: Tensor, exact: bool) -> Tuple[Tensor, Tensor]:  # type: ignore[override]
+        return _unit_forward(angles, exact)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        angles, work_dtype = inputs
-        ctx.work_dtype = work_dtype
-        ctx.save_for_backward(angles)
+        u, prefix = output
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(u, prefix)
 
     @staticmethod
-    def backward(ctx, grad_u: Tensor):  # type: ignore[override]
-        (angles,) = ctx.saved_tensors
-        return _unit_backward(angles, grad_u, ctx.work_dtype), None
+    def backward(ctx, grad_u: Optional[Tensor], grad_prefix: Optional[Tensor]):  # type: ignore[override]
+        u, prefix = ctx.saved_tensors
+        if grad_u is None and grad_prefix is None:
+            return None, None
+        return _unit_backward(grad_u, grad_prefix, u, prefix)[0], None
+
+    @staticmethod
+    def vmap(info, in_dims, angles: Tensor, exact: bool):  # type: ignore[override]
+        # Note [vmap rule]
+        # The forward writes into tensors it allocates, which a vmap-generated rule cannot batch.
+        # The map is row-wise, so a batch dimension is just one more leading dimension.
+        return _UnitVector.apply(angles.movedim(in_dims[0], 0), exact), (0, 0)
 
 
-def _unit_backward(angles: Tensor, grad_u: Tensor, work_dtype: torch.dtype) -> Tensor:
-    a = angles.to(work_dtype)
-    g = grad_u.to(work_dtype)
-    lat, lon = a[..., :-1], a[..., -1:]
-    u, c, s, prefix = _unit_from(lat, lon)
-    m = lat.shape[-1]
-    tail = prefix[..., -1:] if m > 0 else torch.ones_like(lon)
-    g_lon = tail * (g[..., -1:] * torch.cos(lon) - g[..., -2:-1] * torch.sin(lon))
-    if m == 0:
-        return g_lon.to(angles.dtype)
-    gu = g * u
-    # S_k = Σ_{i>k} g_i u_i for k = 1..n-2: the suffix sums starting at k+1, accumulated from the
-    # end so that the small late terms are added first.
-    suffix = torch.flip(torch.cumsum(torch.flip(gu, (-1,)), dim=-1), (-1,))
-    S = suffix[..., 1 : m + 1]
-    g_lat = g[..., :m] * prefix - s * S / c
-    return torch.cat([g_lat, g_lon], dim=-1).to(angles.dtype)
+class _ScaledUnitVector(torch.autograd.Function):
+    """``(radius, angles) → (r·u, u, prefix)``: the weight rows in one pass (see :class:`_UnitVector`).
+
+    Folding the radius in saves the separate ``r · u`` product, its backward (two full passes
+    and a temporary the size of the weight) and keeps ``u`` saved once.
+    """
+
+    @staticmethod
+    def forward(radius: Tensor, angles: Tensor, exact: bool) -> Tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        return _unit_forward(angles, exact, radius)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        radius = inputs[0]
+        _, u, prefix = output
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(radius, u, prefix)
+
+    @staticmethod
+    def backward(ctx, grad_w: Optional[Tensor], grad_u: Optional[Tensor], grad_prefix: Optional[Tensor]):  # type: ignore[override]
+        radius, u, prefix = ctx.saved_tensors
+        if grad_w is None and grad_u is None and grad_prefix is None:
+            return None, None, None
+        if grad_u is None and grad_prefix is None:
+            # w = r·u: ∂/∂angles = r · (∂u/∂angles)ᵀ g and ∂/∂r = Σ g·u, both from one pass
+            grad_angles, grad_r = _unit_backward(grad_w, None, u, prefix, scale=radius)
+            return grad_r, grad_angles, None
+        g = None if grad_w is None else grad_w * radius.unsqueeze(-1)
+        if grad_u is not None:
+            g = grad_u if g is None else g + grad_u
+        grad_angles, _ = _unit_backward(g, grad_prefix, u, prefix)
+        grad_r = None if grad_w is None else (grad_w * u).sum(-1)
+        return grad_r, grad_angles, None
+
+    @staticmethod
+    def vmap(info, in_dims, radius: Tensor, angles: Tensor, exact: bool):  # type: ignore[override]
+        def front(x: Tensor, d: Optional[int]) -> Tensor:
+            return x.movedim(d, 0) if d is not None else x.expand((info.batch_size,) + x.shape)
+
+        out = _ScaledUnitVector.apply(front(radius, in_dims[0]), front(angles, in_dims[1]), exact)
+        return out, (0, 0, 0)
+
+
+# Note [Forward mode and compile]
+# Dynamo does not trace an autograd.Function that defines ``jvp``, and ``torch.func.jacfwd`` /
+# ``hessian`` need one. The eager path uses these subclasses (with ``jvp``); a compiled graph
+# uses the base classes.
+
+
+class _UnitVectorFwAD(_UnitVector):
+    """:class:`_UnitVector` with forward-mode AD; see Note [Forward mode and compile]."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        _UnitVector.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*output)
+
+    @staticmethod
+    def jvp(ctx, d_angles: Optional[Tensor], _):  # type: ignore[override]
+        u, prefix = ctx.saved_tensors
+        return _unit_jvp(d_angles, u, prefix)
+
+    @staticmethod
+    def vmap(info, in_dims, angles: Tensor, exact: bool):  # type: ignore[override]
+        return _UnitVectorFwAD.apply(angles.movedim(in_dims[0], 0), exact), (0, 0)
+
+
+class _ScaledUnitVectorFwAD(_ScaledUnitVector):
+    """:class:`_ScaledUnitVector` with forward-mode AD; see Note [Forward mode and compile]."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        _ScaledUnitVector.setup_context(ctx, inputs, output)
+        _, u, prefix = output
+        ctx.save_for_forward(inputs[0], u, prefix)
+
+    @staticmethod
+    def jvp(ctx, d_radius: Optional[Tensor], d_angles: Optional[Tensor], _):  # type: ignore[override]
+        radius, u, prefix = ctx.saved_tensors
+        if d_angles is None:  # (None tangents for outputs trip an internal assert: zeros)
+            assert d_radius is not None
+            return d_radius.unsqueeze(-1) * u, torch.zeros_like(u), torch.zeros_like(prefix)
+        du, dprefix = _unit_jvp(d_angles, u, prefix)
+        dw = radius.unsqueeze(-1) * du
+        if d_radius is not None:
+            dw = dw + d_radius.unsqueeze(-1) * u
+        return dw, du, dprefix
+
+    @staticmethod
+    def vmap(info, in_dims, radius: Tensor, angles: Tensor, exact: bool):  # type: ignore[override]
+        def front(x: Tensor, d: Optional[int]) -> Tensor:
+            return x.movedim(d, 0) if d is not None else x.expand((info.batch_size,) + x.shape)
+
+        out = _ScaledUnitVectorFwAD.apply(front(radius, in_dims[0]), front(angles, in_dims[1]), exact)
+        return out, (0, 0, 0)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _unit(angles: Tensor, mode: str = "exact") -> Tensor:
-    """Latitude angles (..., n-1) → unit vectors (..., n); ``n = 1`` gives ones."""
+    """Latitude angles (..., n-1) → unit vectors (..., n) in the dtype of ``angles``; ``n = 1`` gives ones.
+
+    Half-precision angles are evaluated in float32 and the result is cast back.
+    """
     n = angles.shape[-1] + 1
     if n == 1:
         return torch.ones(angles.shape[:-1] + (1,), dtype=angles.dtype, device=angles.device)
-    return _UnitVector.apply(angles, compute_dtype(angles.dtype, mode))
+    fn = _UnitVector if torch.compiler.is_compiling() else _UnitVectorFwAD
+    u, _ = fn.apply(angles.to(_work_dtype(angles.dtype)), mode == "exact")
+    return u.to(angles.dtype)
+
+
+def _scaled_unit(radius: Tensor, angles: Tensor, mode: str = "exact") -> Tensor:
+    """``radius[..., None] · u(angles)``, the rows of a GmP weight, in the dtype of ``angles``.
+
+    Same values as ``radius.unsqueeze(-1) * _unit(angles, mode)`` with a cheaper backward
+    (:class:`_ScaledUnitVector`).
+    """
+    n = angles.shape[-1] + 1
+    if n == 1:
+        return radius.unsqueeze(-1).to(angles.dtype)
+    work = _work_dtype(torch.promote_types(angles.dtype, radius.dtype))
+    fn = _ScaledUnitVector if torch.compiler.is_compiling() else _ScaledUnitVectorFwAD
+    w, _, _ = fn.apply(radius.to(work), angles.to(work), mode == "exact")
+    return w.to(angles.dtype)
 
 
 def to_cartesian(angles: Tensor, *, convention: str = "latitude", mode: str = "exact") -> Tensor:
@@ -193,8 +531,8 @@ def to_cartesian(angles: Tensor, *, convention: str = "latitude", mode: str = "e
     Args:
         angles: ``(..., n-1)`` angles; an empty last dimension gives ``n = 1`` and the vector ``+1``.
         convention: ``"latitude"`` (the library's storage) or ``"polar"`` (the paper's θ).
-        mode: ``"exact"`` (float64 evaluation, ≤ 1e-6 relative in float32 at n = 25,088) or
-            ``"fast"`` (evaluated in the input's dtype).
+        mode: ``"exact"`` (the cosines' product in float64: 4.4e-8 relative in float32 at every
+            n up to 25,088) or ``"fast"`` (all float32: 6.6e-6 at n = 25,088; faster, see ``docs/speed.md``).
 
     Returns:
         ``(..., n)`` unit vectors in the dtype of ``angles``. Differentiable (analytic backward,

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .coords import _check_mode, _unit, to_hyperspherical
+from .coords import _check_mode, _scaled_unit, to_hyperspherical
 
 
 class _Geometric(nn.Module):
@@ -71,11 +71,10 @@ class _Geometric(nn.Module):
     def forward(self, radius: Tensor, angles: Tensor) -> Tensor:
         # Note [Autocast]
         # Under fp16/bf16 autocast the angles would otherwise be cast before cos/sin/cumprod; the
-        # map runs in the parameters' dtype (float64 inside in exact mode) and the layer's own op
-        # casts the finished weight.
+        # map runs in the parameters' dtype (float32 at least; coords' Note [Where float64 is
+        # needed]) and the layer's own op casts the finished weight.
         with torch.autocast(device_type=angles.device.type, enabled=False):
-            u = _unit(angles, self.mode)
-            return self.from_units(radius.unsqueeze(-1) * u)
+            return self.from_units(_scaled_unit(radius, angles, self.mode))
 
     def right_inverse(self, weight: Tensor) -> Tuple[Tensor, Tensor]:
         # Note [Assigning the weight]

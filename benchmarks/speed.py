@@ -1,0 +1,340 @@
+"""Speed and memory of GmP against the plain formula, standard training and weight norm.
+
+Prints ONE Markdown table of ratios, every ratio measured in the same run:
+
+* transform forward+backward (the map ``angles → unit rows`` and its gradient): ours ``exact``,
+  ours ``fast`` and weight norm's computation (``torch._weight_norm``, what
+  ``torch.nn.utils.parametrizations.weight_norm`` evaluates), each over the plain autograd
+  formula (cos, sin, cumprod, roll, as existing GmP code writes it);
+* one training step (forward, cross-entropy, backward, SGD with momentum) of an MLP 784-1024-1024-10
+  at batch 256 and a VGG-style CNN (32-64-128 channels, two 3×3 convs per stage, 32×32 inputs) at
+  batch 64, GmP / standard and weight norm / standard;
+* inference (eval, no_grad) after ``georeparam.remove()`` and with GmP still registered, over
+  standard;
+* extra peak memory of a training step over the standard step, in multiples of the model's
+  parameter bytes. Peak = the highest ``total_allocated`` among the CPU allocator's
+  allocation events that ``torch.profiler`` (``profile_memory=True``) records during the step,
+  minus its value before the step; it counts every tensor allocation (saved activations and
+  temporaries alike), not the Python heap.
+
+Timing: candidates of one row run interleaved (each repeat runs every candidate once, so a load
+change hits all of them), after warm-up; the table shows medians. Threads: ``--threads``
+(default 2, the machine this project targets).
+
+    nice python benchmarks/speed.py            # the table in docs/speed.md
+    python benchmarks/speed.py --quick         # toy sizes, a few seconds (tests run this)
+    python benchmarks/speed.py --large         # adds the 4096×25088 transform
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+import georeparam
+from georeparam.coords import _unit, latitude_to_polar, to_hyperspherical
+
+
+# ---------------------------------------------------------------------------------------------
+# the baseline: the plain formula, autograd through every op
+# ---------------------------------------------------------------------------------------------
+
+
+def plain_unit(theta: torch.Tensor) -> torch.Tensor:
+    """Polar angles ``(..., n-1)`` → unit rows ``(..., n)`` the way existing GmP code does it.
+
+    ``u = [cos θ, 1] · roll(cumprod([sin θ, 1]), 1)`` with the first factor set to 1; every op is
+    an autograd op (the graph keeps cos, sin and the cumprod).
+    """
+    ones = torch.ones_like(theta[..., :1])
+    sines = torch.roll(torch.cumprod(torch.cat([torch.sin(theta), ones], dim=-1), dim=-1), 1, dims=-1)
+    sines = torch.cat([ones, sines[..., 1:]], dim=-1)
+    return torch.cat([torch.cos(theta), ones], dim=-1) * sines
+
+
+# ---------------------------------------------------------------------------------------------
+# timing and memory
+# ---------------------------------------------------------------------------------------------
+
+
+CLOCK: Callable[[], float] = time.perf_counter
+
+
+def interleaved_medians(
+    fns: Dict[str, Callable[[], object]], repeats: int, warmup: int, clock: Optional[Callable[[], float]] = None
+) -> Dict[str, float]:
+    """Median seconds of each function; every repeat runs all of them once, in turn.
+
+    ``clock`` is wall time by default; ``time.thread_time`` (CPU time of this thread) is steadier
+    on a loaded machine but only meaningful with one torch thread.
+    """
+    clock = clock or CLOCK
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = clock()
+            f()
+            times[k].append(clock() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Highest number of bytes allocated during ``fn()`` above what was allocated before it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        x = e.extra_fields
+        if hasattr(x, "alloc_size") and hasattr(x, "total_allocated") and str(x.device) == "cpu":
+            events.append((e.start_time_ns, x.alloc_size, x.total_allocated))
+    if not events:
+        raise RuntimeError("the profiler recorded no allocation events; cannot measure peak memory")
+    events.sort()
+    start = events[0][2] - events[0][1]
+    return max(total for _, _, total in events) - start
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+
+
+def mlp(sizes: Sequence[int]) -> nn.Module:
+    layers: List[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def vgg(channels: Sequence[int], in_ch: int = 3, classes: int = 10) -> nn.Module:
+    layers: List[nn.Module] = []
+    c = in_ch
+    for width in channels:
+        layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+        layers.append(nn.MaxPool2d(2))
+        c = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes)]
+    return nn.Sequential(*layers)
+
+
+def variant(make: Callable[[], nn.Module], kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = make()
+    if kind in ("exact", "fast"):
+        georeparam.register(model, mode=kind)
+    elif kind == "wn":
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.utils.parametrizations.weight_norm(m)
+    elif kind != "standard":
+        raise ValueError(kind)
+    return model
+
+
+def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------------------------
+
+
+def fmt(x: Optional[float], digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def transform_row(units: int, fan_in: int, repeats: int, warmup: int) -> List[str]:
+    torch.manual_seed(0)
+    _, lat = to_hyperspherical(torch.randn(units, fan_in))
+    theta = latitude_to_polar(lat.double()).float()
+    grad = torch.randn(units, fan_in)
+    v = torch.randn(units, fan_in)
+    g = v.norm(dim=1, keepdim=True)
+
+    def fwd_bwd(fn, a):
+        def run():
+            leaf = a.detach().requires_grad_()
+            fn(leaf).backward(grad)
+
+        return run
+
+    def wn():
+        vv, gg = v.detach().requires_grad_(), g.detach().requires_grad_()
+        torch._weight_norm(vv, gg, 0).backward(grad)
+
+    t = interleaved_medians(
+        {
+            "plain": fwd_bwd(plain_unit, theta),
+            "exact": fwd_bwd(lambda a: _unit(a, "exact"), lat),
+            "fast": fwd_bwd(lambda a: _unit(a, "fast"), lat),
+            "wn": wn,
+        },
+        repeats,
+        warmup,
+    )
+    base = t["plain"]
+    return [
+        "transform fwd+bwd / plain formula",
+        f"{units}×{fan_in}",
+        fmt(t["exact"] / base),
+        fmt(t["fast"] / base),
+        fmt(t["wn"] / base),
+        f"{base * 1e3:.1f} ms",
+        "exact ≤ 1.0, fast ≤ 0.5" if (units, fan_in) in ((1000, 2048), (512, 4608)) else "",
+    ]
+
+
+def model_rows(name: str, make: Callable[[], nn.Module], x: torch.Tensor, classes: int, repeats: int, warmup: int, target: str) -> List[List[str]]:
+    y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    models = {k: variant(make, k) for k in ("standard", "exact", "fast", "wn")}
+    steps = {k: step_fn(m, x, y) for k, m in models.items()}
+    t = interleaved_medians(steps, repeats, warmup)
+    base = t["standard"]
+    rows = [
+        [f"training step / standard ({name})", f"batch {x.shape[0]}", fmt(t["exact"] / base), fmt(t["fast"] / base), fmt(t["wn"] / base), f"{base * 1e3:.1f} ms", target]
+    ]
+
+    # inference: registered, and after remove(), over standard
+    infer = {}
+    for k in ("standard", "exact", "fast"):
+        m = models[k]
+        m.eval()
+        infer[k] = m
+    removed = {k: georeparam.remove(variant(make, k)).eval() for k in ("exact", "fast")}
+
+    def inf(m):
+        def run():
+            with torch.no_grad():
+                m(x)
+
+        return run
+
+    ti = interleaved_medians(
+        {"standard": inf(infer["standard"]), "exact": inf(infer["exact"]), "fast": inf(infer["fast"]), "r_exact": inf(removed["exact"]), "r_fast": inf(removed["fast"])},
+        repeats,
+        warmup,
+    )
+    bi = ti["standard"]
+    rows.append([f"inference after remove() / standard ({name})", f"batch {x.shape[0]}", fmt(ti["r_exact"] / bi), fmt(ti["r_fast"] / bi), "–", f"{bi * 1e3:.1f} ms", "1.00 ± noise"])
+    rows.append([f"inference, GmP registered / standard ({name})", f"batch {x.shape[0]}", fmt(ti["exact"] / bi), fmt(ti["fast"] / bi), "–", f"{bi * 1e3:.1f} ms", ""])
+
+    # memory: a fresh step after one warm-up step (optimizer state exists, grads are None)
+    for m in models.values():
+        m.train()
+    pb = param_bytes(models["standard"])
+    extra = {}
+    for k, s in steps.items():
+        s()
+        extra[k] = peak_extra_bytes(s)
+    rows.append(
+        [
+            f"extra peak memory of a step / parameter bytes ({name})",
+            f"{pb / 2**20:.1f} MiB params",
+            fmt((extra["exact"] - extra["standard"]) / pb, 1),
+            fmt((extra["fast"] - extra["standard"]) / pb, 1),
+            fmt((extra["wn"] - extra["standard"]) / pb, 1),
+            f"{extra['standard'] / 2**20:.1f} MiB",
+            "≤ 4",
+        ]
+    )
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="toy sizes, few repeats (a smoke test)")
+    p.add_argument("--large", action="store_true", help="add the 4096×25088 transform (minutes)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default 2, quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 21, quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 3, quick 1)")
+    p.add_argument("--only", choices=["transform", "mlp", "cnn"], action="append", help="run only these parts")
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with this thread's CPU time instead of wall time: steadier on a loaded machine, "
+        "only meaningful with --threads 1",
+    )
+    args = p.parse_args(argv)
+    if args.cpu_time:
+        if (args.threads or 1) != 1:
+            p.error("--cpu-time needs --threads 1 (other threads' work would not be counted)")
+        global CLOCK
+        CLOCK = time.thread_time
+    torch.set_num_threads(args.threads or (1 if args.quick else 2))
+    repeats = args.repeats or (3 if args.quick else 21)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+
+    if args.quick:
+        sizes = [(16, 64), (8, 300)]
+        mlp_sizes, mlp_batch = (64, 32, 32, 10), 8
+        cnn_channels, cnn_batch, side = (4, 8, 8), 4, 8
+    else:
+        sizes = [(128, 784), (1000, 2048), (512, 4608)]
+        mlp_sizes, mlp_batch = (784, 1024, 1024, 10), 256
+        cnn_channels, cnn_batch, side = (32, 64, 128), 64, 32
+    if args.large:
+        sizes.append((4096, 25088))
+
+    t0 = time.perf_counter()
+    rows: List[List[str]] = []
+    parts = set(args.only or ["transform", "mlp", "cnn"])
+    if "transform" not in parts:
+        sizes = []
+    for units, fan_in in sizes:
+        r = repeats if units * fan_in < 10**7 else max(3, repeats // 7)
+        rows.append(transform_row(units, fan_in, r, min(warmup, 1) if units * fan_in >= 10**7 else warmup))
+    gen = torch.Generator().manual_seed(1)
+    x_mlp = torch.randn(mlp_batch, mlp_sizes[0], generator=gen)
+    x_cnn = torch.randn(cnn_batch, 3, side, side, generator=gen)
+    if "mlp" in parts:
+        name = f"MLP {'-'.join(map(str, mlp_sizes))}"
+        rows += model_rows(name, lambda: mlp(mlp_sizes), x_mlp, mlp_sizes[-1], repeats, warmup, "fast ≤ 1.5")
+    if "cnn" in parts:
+        name = f"CNN {'-'.join(map(str, cnn_channels))}"
+        rows += model_rows(name, lambda: vgg(cnn_channels), x_cnn, 10, repeats, warmup, "≤ 1.05")
+
+    header = ["measurement", "size", "GmP exact", "GmP fast", "weight norm", "baseline", "target"]
+    print(f"| {' | '.join(header)} |")
+    print(f"|{'|'.join('---' for _ in header)}|")
+    for r in rows:
+        print(f"| {' | '.join(r)} |")
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, "
+        f"median of {repeats} interleaved repeats "
+        f"after {warmup} warm-up; {time.perf_counter() - t0:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
