@@ -19,7 +19,9 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
+import georeparam
 from conftest import REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "examples" / "train_ddp.py"
@@ -141,3 +143,19 @@ def test_reference_canonicalization_happened(example, reference):
     b.load_state_dict(reference["state_dict"])
     x = example.make_data()[0]
     torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_map_leaves_parameter_storage_resizable(mode, dtype):
+    """FSDP2 frees every unsharded parameter after forward by resizing its storage to 0
+    (``_fsdp_param.free_storage``). Anything that marks a parameter's storage non-resizable breaks
+    it with "Trying to resize storage that is not resizable", e.g. ``tensor.numpy()`` on the
+    parameter or on a view of it (torch pins the storage for numpy's pointer, for good)."""
+    layer = georeparam.geometric(nn.Linear(16, 8).to(dtype), mode=mode)
+    layer(torch.randn(4, 16, dtype=dtype)).sum().backward()
+    for name, p in layer.named_parameters():
+        storage = p.detach().untyped_storage()
+        nbytes = storage.nbytes()
+        storage.resize_(0)  # what FSDP2 does after each forward and backward
+        storage.resize_(nbytes)

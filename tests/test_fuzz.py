@@ -370,3 +370,29 @@ def test_canonicalize_keeps_the_function(params):
     errs = rel_err(layer.weight.detach(), w_after, dim=-1)
     tol = weight_tol(dtype, mode, n)
     assert bool((errs <= tol).all()), f"canonical layer weight off by {float(errs.max()):.3g} > {tol:.3g}"
+
+
+# -------------------------------------------------------------------------------------------------
+# long-run stability (benchmarks/long_run.py at toy size; the 10,000-step run is the benchmark)
+# -------------------------------------------------------------------------------------------------
+
+
+def test_long_run_script_toy(tmp_path):
+    pytest.importorskip("mnist1d")
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("georeparam_bench_long_run", REPO_ROOT / "benchmarks" / "long_run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "long_run.json"
+    res = mod.main(["--steps", "150", "--samples", "600", "--log-every", "10", "--quiet", "--no-plot", "--out", str(out)])
+    assert out.exists()
+    wrapped, plain = res["wrapped"], res["plain"]
+    assert wrapped["first_nonfinite_step"] is None and all(h["finite"] for h in wrapped["history"])
+    assert wrapped["max_over_run"]["max_abs_latitude"] <= math.pi / 2
+    assert wrapped["max_over_run"]["max_abs_last_angle"] <= math.pi
+    assert wrapped["final"]["fraction_outside"] == 0
+    # at lr 1.0 the unwrapped angles leave the canonical ranges within these few steps
+    assert plain["max_over_run"]["max_abs_latitude"] > math.pi / 2
