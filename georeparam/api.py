@@ -440,9 +440,34 @@ def remove(model_or_module: nn.Module) -> nn.Module:
         raise ValueError(
             f"remove: {_describe(model_or_module)} has no GmP-registered layer. Got: {type(model_or_module).__name__}"
         )
+    _refuse_sharded(targets)  # issue 6
     for m in targets:
         _remove_one(m)
     return model_or_module
+
+
+# -- sharded guard (begin; issue 6) --
+def _refuse_sharded(targets: Sequence[nn.Module]) -> None:
+    # Note [remove under FSDP2]
+    # fully_shard swaps each layer's class for ``FSDP<cls>`` (bases: FSDPModule, ParametrizedLinear)
+    # and its Parameters for sharded DTensors. remove_parametrizations restores ``__bases__[0]``,
+    # which is then FSDPModule: the layer broke half-way with an AttributeError, its weights
+    # sharded. Refuse before touching anything and say how to get a plain model.
+    names = []
+    for m in targets:
+        if any(type(p).__name__ == "DTensor" for p in m.parameters()) or any(
+            c.__name__ == "FSDPModule" for c in type(m).__mro__
+        ):
+            names.append(type(m).__name__)
+    if names:
+        raise ValueError(
+            "remove: these GmP layers are sharded (FSDP2 fully_shard / DTensor parameters), and removing in "
+            "place would break them half-way. Gather a full state_dict instead (e.g. "
+            "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+            "full_state_dict=True))), load it into an unsharded model registered the same way, and call "
+            f"georeparam.remove on that. Got: {names[:5]}"
+        )
+# -- sharded guard (end) --
 
 
 # -------------------------------------------------------------------------------------------------

@@ -159,3 +159,38 @@ def test_map_leaves_parameter_storage_resizable(mode, dtype):
         nbytes = storage.nbytes()
         storage.resize_(0)  # what FSDP2 does after each forward and backward
         storage.resize_(nbytes)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A world of one in this process: enough for fully_shard to make DTensor parameters."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_remove_refuses_fsdp2_sharded_layers_and_leaves_them_intact(one_rank_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    georeparam.register(model)
+    mesh = init_device_mesh("cpu", (1,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    before = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"sharded \(FSDP2.*get_model_state_dict.*Got: \['FSDPParametrizedLinear', 'ParametrizedLinear'\]"):
+        georeparam.remove(model)
+    assert georeparam.is_geometric(model[0]) and georeparam.is_geometric(model[2])
+    after = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    # the way out the message names: a full state_dict into an unsharded registered model, then remove
+    plain = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    georeparam.register(plain)
+    plain.load_state_dict(after)
+    georeparam.remove(plain)
+    assert type(plain[0]) is nn.Linear
