@@ -11,6 +11,7 @@ largest stored angle ``max |θ|`` (latitudes and last angles separately; canonic
 end: test accuracy of both runs.
 
     python benchmarks/long_run.py                       # 10,000 steps, ~1 min per run on one core
+    python benchmarks/long_run.py --other-lr 0.01             # GmP coordinates at 1.0, output layer 0.01
     python benchmarks/long_run.py --steps 200 --samples 600   # a smoke run
 
 Writes ``results/long_run.json`` and ``results/long_run.png`` (angles over time); prints a table.
@@ -76,12 +77,12 @@ def finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def run(kind: str, data, steps: int, lr: float, batch: int, seed: int, log_every: int, quiet: bool) -> dict:
+def run(kind: str, data, steps: int, lr: float, batch: int, seed: int, log_every: int, quiet: bool, other_lr: Optional[float] = None) -> dict:
     from tqdm import tqdm
 
     x, y, xt, yt = data
     model = make_model(seed)
-    base = torch.optim.Adam(param_groups(model, lr=lr))
+    base = torch.optim.Adam(param_groups(model, lr=lr, other=None if other_lr is None else {"lr": other_lr}))
     opt = GeometricOptimizer(base, model) if kind == "wrapped" else base
     g = torch.Generator().manual_seed(seed + 1)
     history: List[dict] = []
@@ -109,6 +110,7 @@ def run(kind: str, data, steps: int, lr: float, batch: int, seed: int, log_every
         "kind": kind,
         "steps": steps,
         "lr": lr,
+        "other_lr": lr if other_lr is None else other_lr,
         "seconds": seconds,
         "first_nonfinite_step": first_nonfinite,
         "final": history[-1],
@@ -149,6 +151,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10_000)
     p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--other-lr", type=float, default=None, help="learning rate of the Cartesian output layer (default: --lr)")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=None, help="MNIST-1D size (default: the package's 5,000)")
@@ -160,13 +163,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load_data(args.samples, args.seed)
-    results = {k: run(k, data, args.steps, args.lr, args.batch, args.seed, args.log_every, args.quiet) for k in ("wrapped", "plain")}
+    results = {k: run(k, data, args.steps, args.lr, args.batch, args.seed, args.log_every, args.quiet, args.other_lr) for k in ("wrapped", "plain")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     if not args.no_plot:
         plot(results, out.with_suffix(".png"))
-    print(f"\nMNIST-1D MLP (40-100-100-10, GmP hidden layers), Adam lr {args.lr}, {args.steps} steps, batch {args.batch}\n")
+    other = "" if args.other_lr is None else f" (output layer {args.other_lr})"
+    print(f"\nMNIST-1D MLP (40-100-100-10, GmP hidden layers), Adam lr {args.lr}{other}, {args.steps} steps, batch {args.batch}\n")
     print("| run | NaN/Inf | max abs latitude (run) | max abs last angle (run) | outside canonical (end) | final batch loss | test acc | s |")
     print("|---|---|---|---|---|---|---|---|")
     for k, r in results.items():
