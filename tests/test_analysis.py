@@ -408,3 +408,29 @@ def test_plot_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         plot_points_1d(torch.zeros(3, 4))
+
+
+def test_drift_does_not_see_canonicalization():
+    # GeometricOptimizer maps r < 0 to r > 0 and u to −u after each step without changing w: the
+    # oriented directions, hence the recorded angles, must be those of the unwrapped run.
+    optim = pytest.importorskip("georeparam.optim")
+    x, y = torch.randn(64, 3, dtype=F64), torch.randn(64, 1, dtype=F64)
+
+    def run(wrap):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 1)).double()
+        register(model, exclude=["2"])
+        opt = torch.optim.Adam(model.parameters(), lr=0.3)
+        if wrap:
+            opt = optim.GeometricOptimizer(opt, model)
+        with AngularDrift(model, layers=["0"], history=True).attach(opt) as drift:
+            for _ in range(30):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+        return drift, int((geometry(model[0]).radius < 0).sum())
+
+    (plain, negative_plain), (wrapped, negative_wrapped) = run(False), run(True)
+    assert negative_plain > 0 and negative_wrapped == 0  # canonicalization did happen
+    assert wrapped.steps == plain.steps == 30
+    torch.testing.assert_close(wrapped.history(), plain.history(), rtol=0, atol=1e-6)
