@@ -167,3 +167,15 @@ def test_loading_a_mismatched_plain_checkpoint_fails_loudly():
     sd["blocks.0.mlp.0.bias"] = torch.randn(HIDDEN + 1)
     with pytest.raises(RuntimeError, match="size mismatch for blocks.0.mlp.0.weight"):
         model.load_state_dict(sd)
+
+
+def test_docs_pretrained_snippet_runs():
+    """docs/pretrained.md's code block, executed as written."""
+    import re
+
+    from conftest import REPO_ROOT
+
+    text = (REPO_ROOT / "docs" / "pretrained.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "docs/pretrained.md", "exec"), {"__name__": "docs_pretrained"})
