@@ -199,7 +199,7 @@ def build(case: Case) -> Optional[Tuple[nn.Module, torch.Tensor]]:
                 b = torch.randn(U, generator=g, dtype=torch.float64) * row_norm / math.sqrt(n)
             b[zero | (row_norm == 0)] = 0
             layer.bias.copy_(b.to(case.dtype))
-    if not bool(torch.isfinite(layer.weight).all()):
+    if not bool(torch.isfinite(layer.weight).all()) or (layer.bias is not None and not bool(torch.isfinite(layer.bias).all())):
         return None  # the scale overflowed the dtype: not a finite input
     if isinstance(layer, nn.Linear):
         x = torch.randn(3, n, generator=g)
