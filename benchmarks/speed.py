@@ -67,13 +67,13 @@ def plain_unit(theta: torch.Tensor) -> torch.Tensor:
 CLOCK: Callable[[], float] = time.perf_counter
 
 
-def interleaved_medians(
+def interleaved(
     fns: Dict[str, Callable[[], object]], repeats: int, warmup: int, clock: Optional[Callable[[], float]] = None
-) -> Dict[str, float]:
-    """Median seconds of each function; every repeat runs all of them once, in turn.
+) -> Dict[str, List[float]]:
+    """Seconds of each function per round; every round runs all of them once, in turn.
 
-    ``clock`` is wall time by default; ``time.thread_time`` (CPU time of this thread) is steadier
-    on a loaded machine but only meaningful with one torch thread.
+    ``clock`` is wall time unless ``--cpu-time`` (this thread's CPU time: steadier on a loaded
+    machine, only meaningful with one torch thread).
     """
     clock = clock or CLOCK
     for _ in range(warmup):
@@ -85,7 +85,21 @@ def interleaved_medians(
             t0 = clock()
             f()
             times[k].append(clock() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int, clock=None) -> Dict[str, float]:
+    """Median seconds of each function (see :func:`interleaved`)."""
+    return {k: statistics.median(v) for k, v in interleaved(fns, repeats, warmup, clock).items()}
+
+
+def ratio(times: Dict[str, List[float]], key: str, base: str) -> str:
+    """Median over rounds of ``key / base`` in the same round, with its quartiles."""
+    r = sorted(a / b for a, b in zip(times[key], times[base]))
+    if len(r) < 4:
+        return f"{statistics.median(r):.2f}"
+    q = statistics.quantiles(r, n=4)
+    return f"{statistics.median(r):.2f} [{q[0]:.2f}, {q[2]:.2f}]"
 
 
 def peak_extra_bytes(fn: Callable[[], object]) -> int:
@@ -192,7 +206,7 @@ def transform_row(units: int, fan_in: int, repeats: int, warmup: int) -> List[st
         vv, gg = v.detach().requires_grad_(), g.detach().requires_grad_()
         torch._weight_norm(vv, gg, 0).backward(grad)
 
-    t = interleaved_medians(
+    t = interleaved(
         {
             "plain": fwd_bwd(plain_unit, theta),
             "exact": fwd_bwd(lambda a: _unit(a, "exact"), lat),
@@ -202,14 +216,13 @@ def transform_row(units: int, fan_in: int, repeats: int, warmup: int) -> List[st
         repeats,
         warmup,
     )
-    base = t["plain"]
     return [
         "transform fwd+bwd / plain formula",
         f"{units}×{fan_in}",
-        fmt(t["exact"] / base),
-        fmt(t["fast"] / base),
-        fmt(t["wn"] / base),
-        f"{base * 1e3:.1f} ms",
+        ratio(t, "exact", "plain"),
+        ratio(t, "fast", "plain"),
+        ratio(t, "wn", "plain"),
+        f"{statistics.median(t['plain']) * 1e3:.1f} ms",
         "exact ≤ 1.0, fast ≤ 0.5" if (units, fan_in) in ((1000, 2048), (512, 4608)) else "",
     ]
 
@@ -218,10 +231,18 @@ def model_rows(name: str, make: Callable[[], nn.Module], x: torch.Tensor, classe
     y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
     models = {k: variant(make, k) for k in ("standard", "exact", "fast", "wn")}
     steps = {k: step_fn(m, x, y) for k, m in models.items()}
-    t = interleaved_medians(steps, repeats, warmup)
-    base = t["standard"]
+    t = interleaved(steps, repeats, warmup)
+    base = statistics.median(t["standard"])
     rows = [
-        [f"training step / standard ({name})", f"batch {x.shape[0]}", fmt(t["exact"] / base), fmt(t["fast"] / base), fmt(t["wn"] / base), f"{base * 1e3:.1f} ms", target]
+        [
+            f"training step / standard ({name})",
+            f"batch {x.shape[0]}",
+            ratio(t, "exact", "standard"),
+            ratio(t, "fast", "standard"),
+            ratio(t, "wn", "standard"),
+            f"{base * 1e3:.1f} ms",
+            target,
+        ]
     ]
 
     # inference: registered, and after remove(), over standard
@@ -239,14 +260,21 @@ def model_rows(name: str, make: Callable[[], nn.Module], x: torch.Tensor, classe
 
         return run
 
-    ti = interleaved_medians(
+    ti = interleaved(
         {"standard": inf(infer["standard"]), "exact": inf(infer["exact"]), "fast": inf(infer["fast"]), "r_exact": inf(removed["exact"]), "r_fast": inf(removed["fast"])},
         repeats,
         warmup,
     )
-    bi = ti["standard"]
-    rows.append([f"inference after remove() / standard ({name})", f"batch {x.shape[0]}", fmt(ti["r_exact"] / bi), fmt(ti["r_fast"] / bi), "–", f"{bi * 1e3:.1f} ms", "1.00 ± noise"])
-    rows.append([f"inference, GmP registered / standard ({name})", f"batch {x.shape[0]}", fmt(ti["exact"] / bi), fmt(ti["fast"] / bi), "–", f"{bi * 1e3:.1f} ms", ""])
+    bi = f"{statistics.median(ti['standard']) * 1e3:.1f} ms"
+    batch = f"batch {x.shape[0]}"
+    rows.append(
+        [f"inference after remove() / standard ({name})", batch]
+        + [ratio(ti, "r_exact", "standard"), ratio(ti, "r_fast", "standard"), "–", bi, "1.00 ± noise"]
+    )
+    rows.append(
+        [f"inference, GmP registered / standard ({name})", batch]
+        + [ratio(ti, "exact", "standard"), ratio(ti, "fast", "standard"), "–", bi, ""]
+    )
 
     # memory: a fresh step after one warm-up step (optimizer state exists, grads are None)
     for m in models.values():
@@ -270,6 +298,65 @@ def model_rows(name: str, make: Callable[[], nn.Module], x: torch.Tensor, classe
     return rows
 
 
+def precision_table(quick: bool) -> int:
+    """Worst relative error over 16 random float32 directions (rows) of u(angles) and of the
+    angle gradient, against float64 evaluations of the same float32 angles."""
+
+    def err(a: torch.Tensor, ref: torch.Tensor) -> float:
+        return ((a.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+
+    print("| fan-in | exact u | fast u | plain formula u | exact grad | fast grad | plain formula grad |")
+    print("|---|---|---|---|---|---|---|")
+    for n in (64, 300) if quick else (784, 4608, 25088):
+        gen = torch.Generator().manual_seed(n)
+        _, lat = to_hyperspherical(torch.randn(16, n, dtype=torch.float64, generator=gen))
+        lat = lat.float()
+        g = torch.randn(16, n, dtype=torch.float64, generator=gen)
+        a64 = lat.double().requires_grad_()
+        ref = _unit(a64)
+        ref.backward(g)
+        cells = {}
+        for mode in ("exact", "fast"):
+            a = lat.clone().requires_grad_()
+            u = _unit(a, mode)
+            u.backward(g.float())
+            cells[mode] = (err(u, ref.detach()), err(a.grad, a64.grad))
+        # the plain formula on the same directions, stored as float32 polar angles (as it is used)
+        th = latitude_to_polar(lat.double()).float().requires_grad_()
+        up = plain_unit(th)
+        up.backward(g.float())
+        th64 = th.detach().double().requires_grad_()
+        ref_p = plain_unit(th64)
+        ref_p.backward(g)
+        cells["plain"] = (err(up, ref_p.detach()), err(th.grad, th64.grad))
+        row = [cells[k][0] for k in ("exact", "fast", "plain")] + [cells[k][1] for k in ("exact", "fast", "plain")]
+        print(f"| {n} | " + " | ".join(f"{v:.1e}" for v in row) + " |")
+    return 0
+
+
+def profile_step(which: str, mode: str, quick: bool) -> int:
+    """Print where a GmP training step spends its time (numpy's sin/cos show up as the
+    Function's self time: torch.profiler does not see inside numpy)."""
+    from torch.profiler import profile
+
+    gen = torch.Generator().manual_seed(1)
+    if which == "mlp":
+        sizes = (64, 32, 32, 10) if quick else (784, 1024, 1024, 10)
+        make, x = (lambda: mlp(sizes)), torch.randn(8 if quick else 256, sizes[0], generator=gen)
+    else:
+        channels = (4, 8, 8) if quick else (32, 64, 128)
+        make, x = (lambda: vgg(channels)), torch.randn(4 if quick else 64, 3, 8 if quick else 32, 8 if quick else 32, generator=gen)
+    y = torch.randint(0, 10, (x.shape[0],), generator=gen)
+    step = step_fn(variant(make, mode), x, y)
+    for _ in range(3):
+        step()
+    with profile() as prof:
+        for _ in range(5):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="toy sizes, few repeats (a smoke test)")
@@ -278,6 +365,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 21, quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 3, quick 1)")
     p.add_argument("--only", choices=["transform", "mlp", "cnn"], action="append", help="run only these parts")
+    p.add_argument(
+        "--profile",
+        choices=["mlp", "cnn"],
+        help="instead of the table: torch.profiler's top ops of five GmP training steps (--mode)",
+    )
+    p.add_argument("--mode", choices=["exact", "fast"], default="fast", help="GmP mode for --profile")
+    p.add_argument(
+        "--precision",
+        action="store_true",
+        help="instead of the table: float32 errors of the map and its gradient (docs/speed.md)",
+    )
     p.add_argument(
         "--cpu-time",
         action="store_true",
@@ -305,6 +403,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.large:
         sizes.append((4096, 25088))
 
+    if args.profile:
+        return profile_step(args.profile, args.mode, args.quick)
+    if args.precision:
+        return precision_table(args.quick)
+
     t0 = time.perf_counter()
     rows: List[List[str]] = []
     parts = set(args.only or ["transform", "mlp", "cnn"])
@@ -330,7 +433,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"| {' | '.join(r)} |")
     print(
         f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, "
-        f"median of {repeats} interleaved repeats "
+        f"median [quartiles] of {repeats} interleaved repeats (3 for transforms of ≥ 10⁷ elements) "
         f"after {warmup} warm-up; {time.perf_counter() - t0:.0f} s"
     )
     return 0

@@ -40,17 +40,20 @@ A zero vector gets radius 0 and all angles 0 (the direction ``e_{n-1}``), so ``r
 exactly zero again.
 
 Precision of :func:`to_cartesian` for float32 angles (relative error of each unit vector against
-a float64 evaluation of the same angles, worst of 16 random directions; ``docs/speed.md``):
-``mode="exact"`` (default) evaluates the cosines and their running product in float64, the rest
-in float32: 4.4e-8 at every n up to 25,088. ``mode="fast"`` stays in float32: 5.3e-7 at n = 784,
-1.5e-6 at 4,608, 6.6e-6 at 25,088 (a random walk of the cosines' roundings, ~√n·eps/4). Both
-are computed by one fused autograd Function with an analytic backward (float32, gradient error
-5e-8 exact / up to 5e-6 fast); see Note [Backward without the cumprod graph].
+a float64 evaluation of the same angles, worst of 16 random directions;
+``python benchmarks/speed.py --precision``, ``docs/speed.md``): ``mode="exact"`` (default)
+evaluates the cosines and their running product in float64, the rest in float32: 4.5e-8 at every
+n up to 25,088. ``mode="fast"`` stays in float32: 5.8e-7 at n = 784, 1.4e-6 at 4,608, 5.6e-6 at
+25,088 (a random walk of the cosines' roundings, ~√n·eps/4). Both are computed by one fused
+autograd Function with an analytic backward in float32 (gradient error 4.5e-8 exact, up to
+4.3e-6 fast); see Note [Backward without the cumprod graph].
 """
 
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
 import numpy as np
@@ -118,13 +121,14 @@ def latitude_to_polar(angles: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 # Note [Blocks of rows]
-# The map and its backward are a dozen elementwise passes and two scans over the whole weight.
-# On CPU they run one block of ~2**18 elements (whole rows) at a time: each pass then touches a
-# block that sits in the core's cache instead of main memory, and the temporaries (float64 ones
-# too) are a block's size, not the weight's, so the extra peak memory of a training step stays
-# near the tensors that must be kept. Other devices take the whole tensor as one block (a kernel
-# launch per op and block would cost more than it saves).
-_BLOCK_ELEMENTS = 1 << 18
+# The map and its backward are about a dozen elementwise passes and two scans. They run on the
+# whole weight at once, in place where they can: with several threads every torch op is a
+# parallel region, and on a shared machine each region can wait for a descheduled thread, so
+# few large ops beat many small ones (cache-sized blocks of 2**16-2**18 elements were 5-10%
+# faster on one idle core but 1.5-10x slower with two threads on a loaded 2-core machine).
+# Only a weight above 2**22 elements goes in blocks of whole rows, which caps the temporaries
+# (float64 ones too) at a block's size.
+_BLOCK_ELEMENTS = 1 << 22
 
 
 def _block_rows(fan_in: int) -> int:
@@ -140,24 +144,38 @@ def _block_rows(fan_in: int) -> int:
 # through numpy, writing in place through a shared-memory view; anything else uses torch.
 
 
-def _numpy_ok(*tensors: Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and _is_plain(*tensors)
+def _numpy_ok(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and _is_plain(t)
 
 
-def _sin_into(x: Tensor, out: Tensor) -> None:
-    if _numpy_ok(x, out):
-        np.sin(x.detach().numpy(), out=out.detach().numpy())
-    else:
-        torch.sin(x, out=out)
+# Note [A second thread for the sines]
+# numpy's ufuncs are single-threaded, but they release the GIL. With two or more torch threads
+# allowed, the sines of a large block are computed on one helper thread while the calling
+# thread computes the cosines' product; with one torch thread nothing runs beside the caller.
+# The helper is created on first use and forgotten in a forked child (its thread is not there).
+_SINE_THREAD: Optional[ThreadPoolExecutor] = None
+_SINE_THREAD_MIN_ELEMENTS = 1 << 15
 
 
-def _cos(x: Tensor) -> Tensor:
-    if _numpy_ok(x):
-        return torch.from_numpy(np.cos(x.detach().numpy()))
-    return torch.cos(x)
+def _sine_thread() -> Optional[ThreadPoolExecutor]:
+    global _SINE_THREAD
+    if torch.get_num_threads() < 2:
+        return None
+    if _SINE_THREAD is None:
+        _SINE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="georeparam-sin")
+    return _SINE_THREAD
 
 
-def _unit_block(lat: Tensor, exact: bool, u: Tensor, prefix: Tensor) -> None:
+def _forget_sine_thread() -> None:
+    global _SINE_THREAD
+    _SINE_THREAD = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_sine_thread)
+
+
+def _unit_block(lat: Tensor, exact: bool, u: Tensor, prefix: Tensor, use_numpy: bool) -> None:
     """Write ``u[:, :n-2]`` and ``prefix`` ``(rows, n-2)`` for latitudes ``(rows, n-2)``.
 
     ``prefix[:, k] = ∏_{j≤k} cos φ_j``.
@@ -172,12 +190,26 @@ def _unit_block(lat: Tensor, exact: bool, u: Tensor, prefix: Tensor) -> None:
     ``cumprod`` accumulates float32 in double.)
     """
     m = lat.shape[-1]
-    if exact and lat.dtype != torch.float64:
-        prefix.copy_(torch.cumprod(torch.cos(lat.to(torch.float64)), -1))
-    else:
-        torch.cumprod(_cos(lat), -1, out=prefix)
     head = u[:, :m]
-    _sin_into(lat, head)
+    sines = None
+    if use_numpy:
+        lat_np, head_np = lat.detach().numpy(), head.detach().numpy()
+        helper = _sine_thread() if lat.numel() >= _SINE_THREAD_MIN_ELEMENTS else None
+        if helper is not None:
+            sines = helper.submit(np.sin, lat_np, out=head_np)
+        else:
+            np.sin(lat_np, out=head_np)
+    else:
+        torch.sin(lat, out=head)
+    if exact and lat.dtype != torch.float64:
+        c = lat.to(torch.float64).cos_()
+        prefix.copy_(torch.cumprod(c, -1, out=c))  # one float64 temporary
+    elif use_numpy:
+        torch.cumprod(torch.from_numpy(np.cos(lat.detach().numpy())), -1, out=prefix)
+    else:
+        torch.cumprod(torch.cos(lat), -1, out=prefix)
+    if sines is not None:
+        sines.result()
     head[:, 1:].mul_(prefix[:, :-1])  # u_k = sin φ_k · ∏_{j<k} cos φ_j
 
 
@@ -187,26 +219,31 @@ def _unit_forward(angles: Tensor, exact: bool, radius: Optional[Tensor] = None) 
         return _unit_forward_traced(angles, exact, radius)
     n = angles.shape[-1] + 1
     m = n - 2
+    flat = angles.dim() != 2
     lead = angles.shape[:-1]
     rows = math.prod(lead)
-    a = angles.reshape(rows, n - 1)
+    a = angles.reshape(rows, n - 1) if flat else angles
     u = a.new_empty(rows, n)
     prefix = a.new_empty(rows, m)
     if m > 0:
-        step = _block_rows(n) if a.device.type == "cpu" else max(rows, 1)
-        for lat_b, u_b, p_b in zip(a[:, :m].split(step), u.split(step), prefix.split(step)):
-            _unit_block(lat_b, exact, u_b, p_b)
+        use_numpy = _numpy_ok(a)
+        step = _block_rows(n) if a.device.type == "cpu" else rows
+        if rows <= step:
+            _unit_block(a[:, :m], exact, u, prefix, use_numpy)
+        else:
+            for lat_b, u_b, p_b in zip(a[:, :m].split(step), u.split(step), prefix.split(step)):
+                _unit_block(lat_b, exact, u_b, p_b, use_numpy)
     # the last pair: (cos θ, sin θ) · ∏ cos φ
     lon = a[:, m:]
     torch.cos(lon, out=u[:, m : m + 1])
     torch.sin(lon, out=u[:, m + 1 :])
     if m > 0:
         u[:, m:].mul_(prefix[:, m - 1 :])
-    u_out = u.reshape(lead + (n,))
-    prefix = prefix.reshape(lead + (m,))
-    if radius is None:
-        return u_out, prefix
-    return (u * radius.reshape(rows, 1)).reshape(lead + (n,)), u_out, prefix
+    w = None if radius is None else u * (radius.reshape(rows, 1) if flat else radius.unsqueeze(-1))
+    if flat:
+        u, prefix = u.reshape(lead + (n,)), prefix.reshape(lead + (m,))
+        w = None if w is None else w.reshape(lead + (n,))
+    return (u, prefix) if w is None else (w, u, prefix)
 
 
 def _unit_forward_traced(angles: Tensor, exact: bool, radius: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
@@ -260,25 +297,23 @@ def _grad_block(g: Tensor, gp: Optional[Tensor], u: Tensor, prefix: Tensor) -> T
     return torch.cat([g_lat, g_lon], dim=-1), gu.sum(-1)
 
 
-def _grad_block_into(g: Tensor, u: Tensor, prefix: Tensor, out: Tensor, sums: Tensor, guard: bool) -> None:
-    """The latitude part of :func:`_grad_block` for one block of plain tensors, written into
-    ``out`` ``(rows, n-2)``, and ``Σ_i g_i u_i`` into ``sums``.
+def _neg_grad_block_into(g: Tensor, u: Tensor, prefix: Tensor, sums: Tensor, guard: bool) -> Tensor:
+    """:func:`_grad_block` for one block of plain tensors, in place and *negated*: ``(rows, n-1)``
+    whose last column is left for the caller, and ``Σ_i g_i u_i`` written into ``sums``.
 
-    The same formula with in-place ops on block-sized temporaries; see Note [Blocks of rows].
+    Two block-sized temporaries at a time; the second becomes the result. The sign is folded into
+    the caller's final scaling, which saves a pass.
     """
     m = prefix.shape[-1]
     S = (g[:, 1:] * u[:, 1:]).flip(-1)
     S.cumsum_(-1)
     S = S.flip(-1)  # S[:, k] = Σ_{i>k} g_i u_i
     torch.addcmul(S[:, 0], g[:, 0], u[:, 0], out=sums)
-    if not guard:
-        tan = u[:, :m] / prefix
-    else:
-        den = torch.where(prefix == 0, 1.0, prefix)
-        tan = torch.div(u[:, :m], den, out=den)
-    tan.mul_(S[:, :m])
-    torch.mul(g[:, :m], prefix, out=out)
-    out.sub_(tan)
+    lat = S[:, :m]
+    lat.mul_(u[:, :m])  # tan φ_k · S_k = u_k · S_k / prefix_k
+    lat.div_(prefix if not guard else torch.where(prefix == 0, 1.0, prefix))
+    lat.addcmul_(g[:, :m], prefix, value=-1)
+    return S
 
 
 def _is_plain(*tensors: Optional[Tensor]) -> bool:
@@ -298,9 +333,10 @@ def _unit_backward(
     """``(grad_angles · scale, Σ_i g_i u_i)``: the gradient of ``⟨g, u⟩ + ⟨gp, prefix⟩``.
 
     ``scale`` (one factor per row) multiplies only the angle gradient; it must be ``None`` when
-    ``gp`` is given. A plain first-order backward (the training step) runs block by block in place
-    (:func:`_grad_block_into`); under ``torch.func``, ``torch.compile`` or ``create_graph`` the
-    whole tensor goes through the differentiable :func:`_grad_block`.
+    ``gp`` is given. A plain first-order backward (the training step) runs in place
+    (:func:`_neg_grad_block_into`, in blocks of rows only for huge weights: Note [Blocks of
+    rows]); under ``torch.func``, ``torch.compile`` or ``create_graph`` the whole tensor goes
+    through the differentiable :func:`_grad_block`.
     """
     n = u.shape[-1]
     lead = u.shape[:-1]
@@ -309,27 +345,37 @@ def _unit_backward(
         g = torch.zeros_like(u)
     if gp is None and not torch.is_grad_enabled() and _is_plain(g, u, prefix, scale):
         m = n - 2
-        g2, u2, p2 = g.reshape(rows, n), u.reshape(rows, n), prefix.reshape(rows, m)
-        out = u.new_empty(rows, n - 1)
+        flat = u.dim() != 2
+        if flat:
+            g, u, prefix = g.reshape(rows, n), u.reshape(rows, n), prefix.reshape(rows, m)
         if m > 0:
             sums = u.new_empty(rows)
             cpu = u.device.type == "cpu"
-            step = _block_rows(n) if cpu else max(rows, 1)
+            step = _block_rows(n) if cpu else rows
             # |prefix| never grows along a row, so a row has a zero iff its last entry is zero (a
             # cheap check on CPU; elsewhere the guarded division runs without a sync)
-            guard = not cpu or bool((p2[:, -1] == 0).any())
-            blocks = zip(g2.split(step), u2.split(step), p2.split(step), out[:, :m].split(step), sums.split(step))
-            for g_b, u_b, p_b, out_b, sums_b in blocks:
-                _grad_block_into(g_b, u_b, p_b, out_b, sums_b, guard)
+            guard = not cpu or bool((prefix[:, -1] == 0).any())
+            if rows <= step:
+                out = _neg_grad_block_into(g, u, prefix, sums, guard)
+            else:
+                out = u.new_empty(rows, n - 1)
+                blocks = zip(g.split(step), u.split(step), prefix.split(step), out.split(step), sums.split(step))
+                for g_b, u_b, p_b, out_b, sums_b in blocks:
+                    out_b.copy_(_neg_grad_block_into(g_b, u_b, p_b, sums_b, guard))
         else:
-            sums = (g2 * u2).sum(-1)
-        # the last angle: g_n · u_{n-1} − g_{n-1} · u_n
+            out = u.new_empty(rows, 1)
+            sums = (g * u).sum(-1)
+        # the last angle, negated like the rest: g_{n-1} · u_n − g_n · u_{n-1}
         lon = out[:, m:]
-        torch.mul(g2[:, m + 1 :], u2[:, m : m + 1], out=lon)
-        lon.sub_(g2[:, m : m + 1] * u2[:, m + 1 :])
+        torch.mul(g[:, m : m + 1], u[:, m + 1 :], out=lon)
+        lon.sub_(g[:, m + 1 :] * u[:, m : m + 1])
         if scale is not None:
-            out.mul_(scale.reshape(rows, 1))
-        return out.reshape(lead + (n - 1,)), sums.reshape(lead)
+            out.mul_(-(scale.reshape(rows, 1) if flat else scale.unsqueeze(-1)))
+        else:
+            out.neg_()
+        if flat:
+            out, sums = out.reshape(lead + (n - 1,)), sums.reshape(lead)
+        return out, sums
     grad, sums = _grad_block(g, gp, u, prefix)
     if scale is not None:
         grad = grad * scale.unsqueeze(-1)
@@ -497,6 +543,20 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# Note [Calling the Function]
+# ``Function.apply`` binds the arguments with ``inspect.signature`` on every call (~40 µs, more
+# than the whole map of a small conv layer) before handing over to the C++ ``apply``. Outside
+# functorch transforms and compile, with every argument positional, that binding does nothing,
+# so the eager path calls the C++ ``apply`` directly; everything else goes through ``apply``.
+_DIRECT_APPLY = hasattr(torch._C, "_are_functorch_transforms_active") and hasattr(torch._C._FunctionBase, "apply")
+
+
+def _call(fn, compiling: bool, *args):
+    if _DIRECT_APPLY and not compiling and not torch._C._are_functorch_transforms_active():
+        return super(torch.autograd.Function, fn).apply(*args)
+    return fn.apply(*args)
+
+
 def _unit(angles: Tensor, mode: str = "exact") -> Tensor:
     """Latitude angles (..., n-1) → unit vectors (..., n) in the dtype of ``angles``; ``n = 1`` gives ones.
 
@@ -505,8 +565,9 @@ def _unit(angles: Tensor, mode: str = "exact") -> Tensor:
     n = angles.shape[-1] + 1
     if n == 1:
         return torch.ones(angles.shape[:-1] + (1,), dtype=angles.dtype, device=angles.device)
-    fn = _UnitVector if torch.compiler.is_compiling() else _UnitVectorFwAD
-    u, _ = fn.apply(angles.to(_work_dtype(angles.dtype)), mode == "exact")
+    compiling = torch.compiler.is_compiling()
+    fn = _UnitVector if compiling else _UnitVectorFwAD
+    u, _ = _call(fn, compiling, angles.to(_work_dtype(angles.dtype)), mode == "exact")
     return u.to(angles.dtype)
 
 
@@ -520,8 +581,9 @@ def _scaled_unit(radius: Tensor, angles: Tensor, mode: str = "exact") -> Tensor:
     if n == 1:
         return radius.unsqueeze(-1).to(angles.dtype)
     work = _work_dtype(torch.promote_types(angles.dtype, radius.dtype))
-    fn = _ScaledUnitVector if torch.compiler.is_compiling() else _ScaledUnitVectorFwAD
-    w, _, _ = fn.apply(radius.to(work), angles.to(work), mode == "exact")
+    compiling = torch.compiler.is_compiling()
+    fn = _ScaledUnitVector if compiling else _ScaledUnitVectorFwAD
+    w, _, _ = _call(fn, compiling, radius.to(work), angles.to(work), mode == "exact")
     return w.to(angles.dtype)
 
 
@@ -531,8 +593,9 @@ def to_cartesian(angles: Tensor, *, convention: str = "latitude", mode: str = "e
     Args:
         angles: ``(..., n-1)`` angles; an empty last dimension gives ``n = 1`` and the vector ``+1``.
         convention: ``"latitude"`` (the library's storage) or ``"polar"`` (the paper's θ).
-        mode: ``"exact"`` (the cosines' product in float64: 4.4e-8 relative in float32 at every
-            n up to 25,088) or ``"fast"`` (all float32: 6.6e-6 at n = 25,088; faster, see ``docs/speed.md``).
+        mode: ``"exact"`` (the cosines' product in float64: 4.5e-8 relative in float32 at every
+            n up to 25,088) or ``"fast"`` (all float32: 5.6e-6 at n = 25,088; faster, see
+            ``docs/speed.md``).
 
     Returns:
         ``(..., n)`` unit vectors in the dtype of ``angles``. Differentiable (analytic backward,
