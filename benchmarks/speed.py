@@ -29,7 +29,6 @@ change hits all of them), after warm-up; the table shows medians. Threads: ``--t
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
