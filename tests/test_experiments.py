@@ -341,3 +341,13 @@ def test_cli_reports_bad_arguments():
         main(["levy", "--methods", "SP,LN", "--quick"])
     with pytest.raises(ValueError, match="seeds"):
         C.parse_seeds("zero")
+
+
+def test_all_quick_writes_one_folder_per_experiment(tmp_path):
+    pytest.importorskip("mnist1d")
+    assert main(["all", "--quick", "--methods", "SP", "--seeds", "1", "--out", str(tmp_path), "--quiet", "--no-plots"]) == 0
+    for name in ("levy", "uci", "banana", "mnist1d", "lr-sweep"):
+        md = tmp_path / name / f"{name}.md"
+        if name in ("uci", "banana") and not md.exists():
+            continue  # data absent: skipped
+        assert f"--out {tmp_path / name}" in md.read_text()

@@ -145,9 +145,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run_one(args.name, args, argv)
     status = 0
     base = Path(args.out) if args.out else Path("results")
+    rest, skip = [], False
+    for a in argv[1:]:  # drop --out X / --out=X: each experiment gets base/NAME
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            rest.append(a)
     for name in CPU_EXPERIMENTS:
-        sub_argv = [name] + argv[1:]
-        sub_args = _parser().parse_args([name] + [a for a in argv[1:]])
-        sub_args.out = str(base / name)
-        status |= run_one(name, sub_args, sub_argv)
+        sub_argv = [name] + rest + ["--out", str(base / name)]
+        status |= run_one(name, _parser().parse_args(sub_argv), sub_argv)
     return status
