@@ -240,6 +240,12 @@ def _unit_forward(angles: Tensor, exact: bool, radius: Optional[Tensor] = None) 
     u = a.new_empty(rows, n)
     prefix = a.new_empty(rows, m)
     use_numpy = _numpy_ok(a)
+    if use_numpy and a.untyped_storage().data_ptr() == angles.untyped_storage().data_ptr():
+        # Note [numpy pins storage]
+        # ``tensor.numpy()`` marks the tensor's storage non-resizable for good, and FSDP2 frees
+        # an unsharded parameter by resizing its storage to 0. numpy only ever sees buffers the
+        # map allocated itself: the angles are copied first (one memory-bound pass).
+        a = a.clone()
     step = _block_rows(n) if a.device.type == "cpu" else rows
     if rows <= step:
         _unit_block(a, exact, u, prefix, use_numpy)
