@@ -87,13 +87,7 @@ class _Geometric(nn.Module):
         if layer is not None:  # an assignment (at registration the layer is not attached yet)
             what = f"{parametrize.type_before_parametrizations(layer).__name__}.{self._weight_name}"
             current = layer.parametrizations[self._weight_name].original0
-            if not isinstance(weight, Tensor):
-                raise TypeError(f"{what} must be assigned a Tensor. Got: {type(weight).__name__}")
-            if weight.dtype != current.dtype or weight.device != current.device:
-                raise TypeError(
-                    f"{what} must be assigned a tensor of dtype {current.dtype} on {current.device}. "
-                    f"Got: dtype {weight.dtype} on {weight.device}"
-                )
+            _check_assigned(weight, current, what)
         if tuple(weight.shape) != tuple(self.shape):
             raise ValueError(f"{what} must have shape {tuple(self.shape)}. Got: {tuple(weight.shape)}")
         _check_weight_values(weight, what)
@@ -143,13 +137,7 @@ class _GeometricBias(nn.Module):
     def right_inverse(self, bias: Tensor) -> Tensor:
         radius = self._radius()
         what = f"{parametrize.type_before_parametrizations(self._layer).__name__}.bias"
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"{what} must be assigned a Tensor. Got: {type(bias).__name__}")
-        if bias.dtype != radius.dtype or bias.device != radius.device:
-            raise TypeError(
-                f"{what} must be a tensor of dtype {radius.dtype} on {radius.device}. "
-                f"Got: dtype {bias.dtype} on {bias.device}"
-            )
+        _check_assigned(bias, radius, what)
         if tuple(bias.shape) != tuple(radius.shape):  # b = r·λ would broadcast silently
             raise ValueError(f"{what} must have shape {tuple(radius.shape)}, one per unit. Got: {tuple(bias.shape)}")
         _check_weight_values(bias, what)
@@ -158,6 +146,17 @@ class _GeometricBias(nn.Module):
 
     def extra_repr(self) -> str:
         return f"radius_from={self.weight_name!r}"
+
+
+def _check_assigned(value, like: Tensor, what: str) -> None:
+    """An assigned weight/bias must be a tensor of the stored coordinates' dtype and device."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{what} must be assigned a Tensor. Got: {type(value).__name__}")
+    if value.dtype != like.dtype or value.device != like.device:
+        raise TypeError(
+            f"{what} must be assigned a tensor of dtype {like.dtype} on {like.device}. "
+            f"Got: dtype {value.dtype} on {value.device}"
+        )
 
 
 def _check_weight_values(t: Tensor, what: str) -> None:

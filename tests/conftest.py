@@ -105,3 +105,22 @@ def shared_data() -> Path:
     if d is None:
         pytest.skip("shared data not found (set GEOREPARAM_DATA or place it at ../shared/data)")
     return d
+
+
+# -------------------------------------------------------------------------------------------------
+# threads
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread() -> Iterator[None]:
+    """One intra-op thread per test process.
+
+    The suite runs under pytest-xdist with one worker per core, and its tensors are tiny: extra
+    intra-op threads only add synchronization (measured 100× slower on a loaded 2-core machine).
+    Tests that measure threading set their own count and restore it.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -32,14 +32,6 @@ MAP_OPS = {"cos", "sin", "cumprod", "atan2"}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add synchronization (100× slower on a loaded 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class _RecordDtypes(TorchDispatchMode):
     """Records (op name, input dtypes) of every aten op, as seen *after* autocast's casts."""

@@ -51,13 +51,6 @@ STRUCTURES = ("gaussian", "zero_rows", "one_hot", "near_axis", "constant", "spar
 MAX_FAN_IN, MAX_NUMEL = 10_000, 120_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # -------------------------------------------------------------------------------------------------
 # generated layers

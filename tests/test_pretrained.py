@@ -24,13 +24,6 @@ from conftest import seeded
 D, HEADS, HIDDEN, VOCAB, SEQ, CLASSES = 32, 4, 64, 50, 12, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class SelfAttention(nn.Module):
     def __init__(self, d: int, heads: int):

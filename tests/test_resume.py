@@ -20,14 +20,6 @@ from conftest import REPO_ROOT, seeded
 WORKER = REPO_ROOT / "tests" / "_resume_worker.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add synchronization (100× slower on a loaded 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _run(*args: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
