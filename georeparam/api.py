@@ -143,12 +143,11 @@ def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> T
     if weight.dim() < 2:
         raise ValueError(f"{what}.{name} must have at least 2 dimensions. Got: shape {tuple(weight.shape)}")
     _check_weight_values(weight, f"{what}.{name}")
-    # -- radius overflow check (begin; issue 6): finite entries whose row norm is not --
+    # finite entries can still have a row norm that overflows the dtype (r = inf)
     with torch.no_grad():
         rows = _layout(module, weight).to_units(weight.detach()).to(torch.float64)
         top = rows.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
         _check_radius((top[:, 0] * torch.linalg.vector_norm(rows / top, dim=-1)).to(weight.dtype), f"{what}.{name}")
-    # -- radius overflow check (end) --
     b = None
     if bias is not None:
         if bias in module._parameters and module._parameters[bias] is not None:
@@ -227,7 +226,6 @@ def geometric(module: nn.Module, name: str = "weight", *, bias: Optional[str] = 
     return module
 
 
-# -- pickling message (begin; issue 6) --
 def _refuse_pickle(self):
     # Note [Pickling a registered layer]
     # PyTorch refuses to pickle any parametrized module (``torch.save(model)`` and ``pickle.dumps``
@@ -242,7 +240,6 @@ def _refuse_pickle(self):
         f"georeparam.remove(model) first, which bakes w and b back into plain layers that pickle. "
         f"Got: a {_describe(self)} with the parametrizations {list(self.parametrizations.keys())}"
     )
-# -- pickling message (end) --
 
 
 def _register_validated(module: nn.Module, name: str, bias: Optional[str], mode: str) -> None:
@@ -258,9 +255,7 @@ def _register_validated(module: nn.Module, name: str, bias: Optional[str], mode:
             parametrize.register_parametrization(module, bias, _GeometricBias(module, name))
             param._bias_name = bias
         param._hook_handle_id = module._register_load_state_dict_pre_hook(_load_plain_state, with_module=True).id
-        # -- pickling message (begin; issue 6) --
         type(module).__getstate__ = _refuse_pickle  # the class parametrize injected for this module
-        # -- pickling message (end) --
     except BaseException:
         if parametrize.is_parametrized(module, bias) if has_bias else False:
             parametrize.remove_parametrizations(module, bias, leave_parametrized=True)
@@ -343,7 +338,6 @@ def register(
             _validate(m, "weight", "bias", mode)
         except (TypeError, ValueError) as e:
             raise type(e)(f"register: layer {qname or '<root>'!r}: {e}") from None
-    # -- imn (begin) --
     if not isinstance(imn, bool):
         raise TypeError(f"register: imn must be a bool. Got: {imn!r}")
     if imn:
@@ -352,7 +346,6 @@ def register(
                 _imn.check_input_mean_norm(m, "register(imn=True)")
             except (TypeError, ValueError) as e:
                 raise type(e)(f"register: layer {qname or '<root>'!r}: {e}") from None
-    # -- imn (end) --
     done = []
     try:
         for qname, m in chosen:
@@ -366,7 +359,7 @@ def register(
             if b is not None:
                 m._parameters["bias"] = b
         raise
-    if imn:  # -- imn --
+    if imn:
         for _, m in chosen:
             _imn.input_mean_norm(m)
     return [q for q, _ in chosen]
@@ -404,7 +397,7 @@ def _remove_one(module: nn.Module) -> None:
         hid = getattr(param, "_hook_handle_id", None)
         if hid is not None:
             module._load_state_dict_pre_hooks.pop(hid, None)
-    # -- imn: fold the running mean into the (now plain) bias where exact, else keep it --
+    # fold the running mean into the (now plain) bias where exact, else keep it --
     if _imn.has_input_mean_norm(module) and not is_geometric(module):
         _imn.fold_input_mean_norm(module)
 
@@ -440,13 +433,12 @@ def remove(model_or_module: nn.Module) -> nn.Module:
         raise ValueError(
             f"remove: {_describe(model_or_module)} has no GmP-registered layer. Got: {type(model_or_module).__name__}"
         )
-    _refuse_sharded(targets)  # issue 6
+    _refuse_sharded(targets)
     for m in targets:
         _remove_one(m)
     return model_or_module
 
 
-# -- sharded guard (begin; issue 6) --
 def _refuse_sharded(targets: Sequence[nn.Module]) -> None:
     # Note [remove under FSDP2]
     # fully_shard swaps each layer's class for ``FSDP<cls>`` (bases: FSDPModule, ParametrizedLinear)
@@ -467,7 +459,6 @@ def _refuse_sharded(targets: Sequence[nn.Module]) -> None:
             "full_state_dict=True))), load it into an unsharded model registered the same way, and call "
             f"georeparam.remove on that. Got: {names[:5]}"
         )
-# -- sharded guard (end) --
 
 
 # -------------------------------------------------------------------------------------------------
@@ -493,7 +484,7 @@ def _load_plain_state(module, state_dict, prefix, local_metadata, strict, missin
         try:
             _check_weight_values(weight, wkey)
             radius, angles = to_hyperspherical(param.to_units(weight))
-            _check_radius(radius, wkey)  # issue 6: rows whose norm overflows the dtype
+            _check_radius(radius, wkey)  # rows whose norm overflows the dtype
             bname = param._bias_name
             converted = {rkey: radius, akey: angles}
             if bname is not None:

@@ -93,7 +93,7 @@ class _Geometric(nn.Module):
         _check_weight_values(weight, what)
         with torch.no_grad():
             radius, angles = to_hyperspherical(self.to_units(weight))
-            _check_radius(radius, what)  # issue 6
+            _check_radius(radius, what)
             if self._bias_name is not None:
                 layer = self._layer
                 bias_list = layer.parametrizations[self._bias_name]
@@ -169,7 +169,6 @@ def _check_weight_values(t: Tensor, what: str) -> None:
         raise ValueError(f"{what} must be finite. Got: {bad} NaN/Inf entries")
 
 
-# -- radius overflow check (begin; issue 6, found by tests/test_fuzz.py) --
 def _check_radius(radius: Tensor, what: str) -> None:
     """Refuse rows whose norm ``r = ‖w‖`` overflows the dtype (each entry finite, the norm not).
 
@@ -184,7 +183,6 @@ def _check_radius(radius: Tensor, what: str) -> None:
             f"{torch.finfo(radius.dtype).max:.3g}), so GmP's radius r = ‖w‖ cannot hold it. Scale the "
             f"layer down or use a wider dtype. Got: {int(bad.sum())} such units"
         )
-# -- radius overflow check (end) --
 
 
 def offset_from(bias: Tensor, radius: Tensor, what: str) -> Tensor:
