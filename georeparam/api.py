@@ -143,11 +143,11 @@ def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> T
     if weight.dim() < 2:
         raise ValueError(f"{what}.{name} must have at least 2 dimensions. Got: shape {tuple(weight.shape)}")
     _check_weight_values(weight, f"{what}.{name}")
-    # finite entries can still have a row norm that overflows the dtype (r = inf)
+    layout = _layout(module, weight)
     with torch.no_grad():
-        rows = _layout(module, weight).to_units(weight.detach()).to(torch.float64)
-        top = rows.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-        _check_radius((top[:, 0] * torch.linalg.vector_norm(rows / top, dim=-1)).to(weight.dtype), f"{what}.{name}")
+        radius, _ = to_hyperspherical(layout.to_units(weight.detach()))
+    # finite entries can still have a row norm that overflows the dtype (r = inf)
+    _check_radius(radius, f"{what}.{name}")
     b = None
     if bias is not None:
         if bias in module._parameters and module._parameters[bias] is not None:
@@ -161,11 +161,9 @@ def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> T
         if b.dtype != weight.dtype:
             raise TypeError(f"{what}.{bias} must have the weight's dtype {weight.dtype}. Got: {b.dtype}")
         _check_weight_values(b, f"{what}.{bias}")
-        probe = _layout(module, weight)
-        if b.shape != (probe.units,):
-            raise ValueError(f"{what}.{bias} must have shape ({probe.units},), one per unit. Got: {tuple(b.shape)}")
+        if b.shape != (layout.units,):
+            raise ValueError(f"{what}.{bias} must have shape ({layout.units},), one per unit. Got: {tuple(b.shape)}")
         with torch.no_grad():
-            radius, _ = to_hyperspherical(probe.to_units(weight.detach()))
             offset_from(b.detach(), radius, f"{what}.{bias}")
     return weight, b
 
