@@ -455,6 +455,16 @@ class _UnitVector(torch.autograd.Function):
         return _UnitVector.apply(angles.movedim(in_dims[0], 0), exact), (0, 0)
 
 
+def _vmap_scaled(fn, info, in_dims, radius: Tensor, angles: Tensor, exact: bool):
+    """vmap rule of the scaled map (Note [vmap rule]): batch dimension first; an unbatched
+    radius or angles tensor is expanded to the batch."""
+
+    def front(x: Tensor, d: Optional[int]) -> Tensor:
+        return x.movedim(d, 0) if d is not None else x.expand((info.batch_size,) + x.shape)
+
+    return fn.apply(front(radius, in_dims[0]), front(angles, in_dims[1]), exact), (0, 0, 0)
+
+
 class _ScaledUnitVector(torch.autograd.Function):
     """``(radius, angles) → (r·u, u, prefix)``: the weight rows in one pass (see :class:`_UnitVector`).
 
@@ -491,11 +501,7 @@ class _ScaledUnitVector(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, radius: Tensor, angles: Tensor, exact: bool):  # type: ignore[override]
-        def front(x: Tensor, d: Optional[int]) -> Tensor:
-            return x.movedim(d, 0) if d is not None else x.expand((info.batch_size,) + x.shape)
-
-        out = _ScaledUnitVector.apply(front(radius, in_dims[0]), front(angles, in_dims[1]), exact)
-        return out, (0, 0, 0)
+        return _vmap_scaled(_ScaledUnitVector, info, in_dims, radius, angles, exact)
 
 
 # Note [Forward mode and compile]
@@ -545,11 +551,7 @@ class _ScaledUnitVectorFwAD(_ScaledUnitVector):
 
     @staticmethod
     def vmap(info, in_dims, radius: Tensor, angles: Tensor, exact: bool):  # type: ignore[override]
-        def front(x: Tensor, d: Optional[int]) -> Tensor:
-            return x.movedim(d, 0) if d is not None else x.expand((info.batch_size,) + x.shape)
-
-        out = _ScaledUnitVectorFwAD.apply(front(radius, in_dims[0]), front(angles, in_dims[1]), exact)
-        return out, (0, 0, 0)
+        return _vmap_scaled(_ScaledUnitVectorFwAD, info, in_dims, radius, angles, exact)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
