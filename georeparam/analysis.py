@@ -310,7 +310,35 @@ class _Track:
     history: List[Tensor] = field(default_factory=list)
 
 
-class AngularDrift:
+class _OptimizerHooks:
+    """``attach``'s bookkeeping, shared by the monitors: optimizer step hooks, ``detach`` and
+    ``with monitor.attach(optimizer):`` (which detaches on exit)."""
+
+    _handles: list
+
+    def _hook(self, optimizer: torch.optim.Optimizer, *, pre=None, post=None):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach expects a torch.optim.Optimizer. Got: {type(optimizer).__name__}")
+        if pre is not None:
+            self._handles.append(optimizer.register_step_pre_hook(pre))
+        if post is not None:
+            self._handles.append(optimizer.register_step_post_hook(post))
+        return self
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks (recorded data is kept)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+class AngularDrift(_OptimizerHooks):
     r"""Records how far each unit's boundary direction turns in every optimizer step.
 
     For each monitored layer and each step the angle between a unit's direction before and
@@ -405,23 +433,11 @@ class AngularDrift:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "AngularDrift":
         """Hook into ``optimizer``: snapshot before and record after every ``step()``."""
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"attach expects a torch.optim.Optimizer. Got: {type(optimizer).__name__}")
-        self._handles.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.snapshot()))
-        self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step()))
-        return self
-
-    def detach(self) -> None:
-        """Remove the optimizer hooks (recorded data is kept)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> "AngularDrift":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
+        return self._hook(
+            optimizer,
+            pre=lambda opt, args, kwargs: self.snapshot(),
+            post=lambda opt, args, kwargs: self.step(),
+        )
 
     # -- results -------------------------------------------------------------------------------
     @property
@@ -506,7 +522,7 @@ class AngularDrift:
 # -------------------------------------------------------------------------------------------------
 
 
-class PointsRecorder:
+class PointsRecorder(_OptimizerHooks):
     r"""Collects one layer's characteristic points (and directions) during training.
 
     Call :meth:`record` yourself or ``attach(optimizer)`` to record after every ``every``-th
@@ -553,21 +569,8 @@ class PointsRecorder:
             self.record(self._step)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "PointsRecorder":
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"attach expects a torch.optim.Optimizer. Got: {type(optimizer).__name__}")
-        self._handles.append(optimizer.register_step_post_hook(self._after_step))
-        return self
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> "PointsRecorder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
+        """Hook into ``optimizer``: record after every ``every``-th ``step()``."""
+        return self._hook(optimizer, post=self._after_step)
 
     @property
     def points(self) -> Tensor:
