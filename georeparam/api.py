@@ -63,6 +63,11 @@ def _geometric_entries(module: nn.Module) -> List[Tuple[str, _Geometric]]:
     ]
 
 
+def _geometric_layers(model: nn.Module) -> List[Tuple[str, nn.Module, str, _Geometric]]:
+    """``(qualified name, layer, weight name, parametrization)`` of every GmP weight under ``model``."""
+    return [(q, m, w, p) for q, m in model.named_modules() for w, p in _geometric_entries(m)]
+
+
 def is_geometric(module: nn.Module) -> bool:
     """Whether ``module`` itself carries a GmP parametrization.
 

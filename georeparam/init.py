@@ -27,12 +27,12 @@ optimizer built before keeps optimizing them (its state, e.g. Adam's moments, is
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .api import _describe, _geometric_entries, geometry
+from .api import _describe, _geometric_layers, geometry
 from .coords import to_hyperspherical
 from .parametrization import _Geometric
 
@@ -85,14 +85,6 @@ def _sphere(param: _Geometric, radius: float, dtype: torch.dtype, device: torch.
         sign = torch.where(r < 0, -1.0, 1.0).to(dtype)
         return radius * sign, angles
     return torch.full_like(r, radius), angles
-
-
-def _targets(model_or_module: nn.Module) -> List[Tuple[nn.Module, str, _Geometric]]:
-    out = []
-    for m in model_or_module.modules():
-        for wname, param in _geometric_entries(m):
-            out.append((m, wname, param))
-    return out
 
 
 def init_geometric_(
@@ -159,13 +151,13 @@ def init_geometric_(
             raise ValueError(f"init_geometric_: radius must be a positive finite number. Got: {radius!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"init_geometric_: generator must be a torch.Generator. Got: {type(generator).__name__}")
-    targets = _targets(model_or_module)
+    targets = _geometric_layers(model_or_module)
     if not targets:
         raise ValueError(
             f"init_geometric_: {_describe(model_or_module)} has no GmP-registered layer; call "
             f"georeparam.register (or geometric) first. Got: {type(model_or_module).__name__}"
         )
-    for module, wname, param in targets:
+    for _, module, wname, param in targets:
         g = geometry(module, wname)
         dtype = g.radius.dtype
         device = generator.device if generator is not None else g.radius.device

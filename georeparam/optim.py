@@ -30,26 +30,17 @@ some.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .api import _geometric_entries, geometry
+from .api import _geometric_layers, geometry
 from .coords import canonical_parts
 
 __all__ = ["param_groups", "GeometricOptimizer", "PARITY"]
 
 _GROUPS = ("angles", "radius", "offset", "other")
-
-
-def _gmp_parameters(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
-    """``(qualified name, module, weight name)`` of every GmP layer under ``model``."""
-    out = []
-    for qname, m in model.named_modules():
-        for wname, _ in _geometric_entries(m):
-            out.append((qname, m, wname))
-    return out
 
 
 def _no_layers_error(fn: str, model: nn.Module) -> ValueError:
@@ -120,12 +111,12 @@ def param_groups(
         raise TypeError(f"param_groups: other must be a dict of optimizer options. Got: {type(other).__name__}")
     if other is not None and "params" in other:
         raise ValueError("param_groups: other sets options of the 'other' group, not its params. Got: a 'params' key")
-    layers = _gmp_parameters(model)
+    layers = _geometric_layers(model)
     if not layers:
         raise _no_layers_error("param_groups", model)
     kinds: Dict[str, List[nn.Parameter]] = {k: [] for k in _GROUPS}
     seen = set()
-    for _, m, wname in layers:
+    for _, m, wname, _ in layers:
         g = geometry(m, wname)
         for kind, p in (("angles", g.angles), ("radius", g.radius), ("offset", g.offset)):
             if p is not None and id(p) not in seen:
@@ -252,12 +243,12 @@ class GeometricOptimizer(torch.optim.Optimizer):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"GeometricOptimizer: every must be a positive int. Got: {every!r}")
         self.parity = self._parity_for(optimizer, parity)
-        layers = _gmp_parameters(model)
+        layers = _geometric_layers(model)
         if not layers:
             raise _no_layers_error("GeometricOptimizer", model)
         in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
         status = []
-        for qname, m, wname in layers:
+        for qname, m, wname, _ in layers:
             g = geometry(m, wname)
             inside = {k: id(p) in in_opt for k, p in g._asdict().items() if p is not None}
             status.append((qname or "<root>", g, inside))
