@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from . import common as C
+from ..api import is_geometric
+from ..optim import param_groups
 
 NAME = "imagenet32"
 TITLE = "ImageNet32, VGG-6 (top-1 / top-5)"
@@ -186,14 +188,12 @@ def evaluate(model, x_u8, y, mean, std, device, batch=1024, amp=None):
     return c1 / len(x_u8), c5 / len(x_u8)
 
 
-def _param_groups(model, weight_decay: float):
-    if weight_decay == 0:
-        return [{"params": list(model.parameters())}]
-    # Note: never decay GmP angles (decay pulls every direction toward the first axis)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if name.endswith("parametrizations.weight.original1") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _param_groups(model, lr: float, weight_decay: float):
+    if weight_decay == 0 or not any(is_geometric(m) for m in model.modules()):
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    # the library's groups: decay on everything but the angles (decay pulls every direction
+    # toward one axis), the offsets included as in the Cartesian bias
+    return param_groups(model, lr, weight_decay=weight_decay, offset_weight_decay=weight_decay)
 
 
 def train_one(data, method: str, seed: int, *, lr: float, epochs: int, batch_size: int, width: float, num_classes: int, val_size: int,
@@ -210,7 +210,7 @@ def train_one(data, method: str, seed: int, *, lr: float, epochs: int, batch_siz
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
     model = C.build(vgg6, method, seed, width=width, num_classes=num_classes).to(device)
-    opt = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=0.9)
+    opt = torch.optim.SGD(_param_groups(model, lr, weight_decay), lr=lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=(amp == torch.float16))
     monitor = C.Monitor("max", patience=patience, plateau_patience=plateau)
     gen = torch.Generator().manual_seed(seed)
