@@ -1,6 +1,6 @@
 """Shared helpers for the test suite.
 
-Plain functions (``rel_err``, ``data_dir``, ``seeded``) are importable as ``from conftest import
+Plain functions (``rel_err``, ``tol``, ``seeded``) are importable as ``from conftest import
 ...``; the fixtures wrap them for tests that prefer injection.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import pytest
 import torch
@@ -71,22 +71,6 @@ def seeded(seed: int = 0) -> Iterator[None]:
 
 
 # -------------------------------------------------------------------------------------------------
-# data
-# -------------------------------------------------------------------------------------------------
-
-
-def data_dir() -> Optional[Path]:
-    """``$GEOREPARAM_DATA`` or ``<repo>/../shared/data``; ``None`` when neither exists."""
-    env = os.environ.get("GEOREPARAM_DATA")
-    candidates = [Path(env)] if env else []
-    candidates.append(REPO_ROOT / ".." / "shared" / "data")
-    for c in candidates:
-        if c.is_dir():
-            return c.resolve()
-    return None
-
-
-# -------------------------------------------------------------------------------------------------
 # fixtures
 # -------------------------------------------------------------------------------------------------
 
@@ -96,15 +80,6 @@ def rng():
     """Seeds torch's global RNG for the test and restores the previous state afterwards."""
     with seeded(0):
         yield
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The shared data directory; skips the test when it is absent."""
-    d = data_dir()
-    if d is None:
-        pytest.skip("shared data not found (set GEOREPARAM_DATA or place it at ../shared/data)")
-    return d
 
 
 # -------------------------------------------------------------------------------------------------
