@@ -15,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ import georeparam
 from conftest import REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "examples" / "train_ddp.py"
+_GLOO_ABORT = "terminate called without an active exception"
 
 
 pytestmark = pytest.mark.skipif(
@@ -56,8 +58,13 @@ def _launch(tmp_path, engine: str) -> dict:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(EXAMPLE), "--engine", engine, "--optimizer", "gmp", "--comm-stats", "--out", str(out),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0 and _GLOO_ABORT in proc.stdout + proc.stderr:
+        # Note [Gloo teardown] in the example: an upstream gloo abort, not a wrong result. The
+        # example now exits past it; should it ever show up elsewhere, one retry, said out loud.
+        warnings.warn(f"torchrun {engine}: gloo aborted ({_GLOO_ABORT!r}); retrying once")
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return torch.load(out, weights_only=False)
 
