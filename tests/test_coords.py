@@ -452,9 +452,22 @@ def test_backward_matches_autograd_of_the_paper_formula(a, data):
     g = torch.from_numpy(data.draw(hnp.arrays(np.float64, a.shape[:-1] + (a.shape[-1] + 1,), elements=st.floats(-3, 3))))
     x = a.clone().requires_grad_()
     (got,) = torch.autograd.grad(to_cartesian(x), x, g)
-    y = a.clone().requires_grad_()
+    # The oracle's cumprod backward divides products that underflow for a lone tiny angle
+    # (θ = 5e-324 gave ∂/∂θ = 0 where the true value is 0.5), so it is evaluated with angles below
+    # 1e-250 set to 0: the derivative is smooth there and moves by ~1e-250. Ours keeps them.
+    y = torch.where(a.abs() < 1e-250, 0.0, a).requires_grad_()
     (want,) = torch.autograd.grad(paper_unit(latitude_to_polar(y)), y, g)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_backward_at_a_subnormal_angle_is_the_limit_at_zero():
+    """The case that showed the oracle's underflow: n = 3, latitudes (0, 5e-324), g = ½·1."""
+    a = torch.tensor([[0.0, 5e-324], [5e-324, 0.0], [1e-310, -1e-310]], dtype=torch.float64)
+    g = torch.full((3, 3), 0.5, dtype=torch.float64)
+    x = a.clone().requires_grad_()
+    (got,) = torch.autograd.grad(to_cartesian(x), x, g)
+    # by hand at (0, 0): u = (sin φ, cos φ cos θ, cos φ sin θ), ∂/∂φ = g₁, ∂/∂θ = g₃
+    assert torch.equal(got, torch.full((3, 2), 0.5, dtype=torch.float64))
 
 
 def test_poles_exact_values_and_gradients():
