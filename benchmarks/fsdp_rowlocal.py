@@ -224,7 +224,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    if "WORLD_SIZE" in os.environ:  # Note [Gloo teardown] in examples/train_ddp.py
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    _example().exit_if_launched()  # Note [Gloo teardown]
