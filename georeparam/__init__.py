@@ -6,7 +6,10 @@ coordinates, ``w = r·u(θ)`` and ``b = r·λ``. Three lines put it on a model y
 >>> import torch, georeparam
 >>> model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
 >>> georeparam.register(model, exclude=["2"])   # the output layer stays standard
-['0']
+GmP: 1 layer registered (1 in the paper's form, 0 in the weight form), 1 skipped
+  layer  type    form   where / why
+  0      Linear  paper  sign(r) after 1 (ReLU)
+  2      Linear  -      skipped: excluded
 >>> optimizer = torch.optim.Adam(model.parameters(), lr=0.1)  # build it after registering
 """
 
@@ -15,6 +18,7 @@ from .coords import canonicalize, to_cartesian, to_hyperspherical
 from .imn import input_mean_norm
 from .init import init_geometric_
 from .optim import GeometricOptimizer, param_groups
+from .report import LayerReport, Report
 
 __version__ = "0.1.0"
 
@@ -32,4 +36,6 @@ __all__ = [
     "param_groups",
     "GeometricOptimizer",
     "input_mean_norm",
+    "Report",
+    "LayerReport",
 ]

@@ -8,7 +8,7 @@ rounding. ``remove`` bakes the current weight and bias back bit-for-bit as compu
 
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -16,21 +16,16 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import imn as _imn
+from . import signs as _signs
 from .coords import _check_mode, to_hyperspherical
+from .layouts import SUPPORTED, layout_of
 from .parametrization import _Geometric, _GeometricBias, _check_radius, _check_weight_values, offset_from
+from .report import LayerReport, Report
 
-__all__ = ["geometric", "register", "remove", "is_geometric", "geometry", "Geometry", "SUPPORTED"]
+__all__ = ["geometric", "register", "remove", "is_geometric", "geometry", "Geometry", "SUPPORTED", "FORMS"]
 
-#: Layer types :func:`register` converts by default (and their subclasses).
-SUPPORTED: Tuple[type, ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
+#: The forms :func:`register` knows (see :mod:`georeparam.report`).
+FORMS = ("paper", "weight")
 
 
 class Geometry(NamedTuple):
@@ -173,10 +168,8 @@ def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> T
     return weight, b
 
 
-def _layout(module: nn.Module, weight: Tensor, mode: str = "exact") -> _Geometric:
-    transposed = bool(getattr(module, "transposed", False))
-    groups = int(getattr(module, "groups", 1))
-    return _Geometric(weight.shape, transposed=transposed, groups=groups, mode=mode)
+def _layout(module: nn.Module, weight: Tensor, mode: str = "exact", sign_after: bool = False) -> _Geometric:
+    return _Geometric(layout_of(module, weight=weight), mode=mode, sign_after=sign_after)
 
 
 def geometric(module: nn.Module, name: str = "weight", *, bias: Optional[str] = "bias", mode: str = "exact") -> nn.Module:
@@ -245,10 +238,10 @@ def _refuse_pickle(self):
     )
 
 
-def _register_validated(module: nn.Module, name: str, bias: Optional[str], mode: str) -> None:
+def _register_validated(module: nn.Module, name: str, bias: Optional[str], mode: str, sign_after: bool = False) -> None:
     original_weight = module._parameters[name]
     has_bias = bias is not None and module._parameters.get(bias, None) is not None
-    param = _layout(module, original_weight, mode)
+    param = _layout(module, original_weight, mode, sign_after)
     parametrize.register_parametrization(module, name, param)
     try:
         # attached after the weight's registration: from now on right_inverse is an assignment
@@ -289,6 +282,18 @@ def _selector(spec, what: str):
     return tuple(names), tuple(types)
 
 
+def _tied(model: nn.Module) -> dict:
+    """``id(Parameter) → qualified names`` for Parameters held by more than one module object."""
+    holders: dict = {}
+    for qname, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m._parameters.items():
+            if p is not None:
+                mods, names = holders.setdefault(id(p), (set(), []))
+                mods.add(id(m))
+                names.append(f"{qname}.{pname}" if qname else pname)
+    return {k: names for k, (mods, names) in holders.items() if len(mods) > 1}
+
+
 def register(
     model: nn.Module,
     *,
@@ -296,10 +301,26 @@ def register(
     exclude: Iterable[Union[str, type]] = (),
     mode: str = "exact",
     imn: bool = False,
-) -> List[str]:
-    r"""Apply :func:`geometric` to every supported layer of ``model``.
+    form: str = "paper",
+) -> Report:
+    r"""Apply GmP to every supported layer of ``model``, in the paper's form where the model allows it.
 
     All layers are validated before any is changed: on error the model is left as it was.
+    Registration changes nothing the model computes (≤ 1e-6 relative in float32, ≤ 1e-12 in
+    float64, as :func:`geometric`).
+
+    The paper's form (``form="paper"``, the default; :mod:`georeparam.signs`) trains the paper's
+    unit ``r·f(uᵀx + λ)`` with ``r`` signed: where a layer's units feed a positively homogeneous
+    activation (ReLU, LeakyReLU, PReLU, RReLU) the layer carries ``|r|`` and ``sign(r)`` acts right
+    after the activation (a hook that ``register`` places by reading the model with ``torch.fx``).
+    Where no activation follows, ``r·(uᵀx + λ)`` already is that unit. Where no exact place for
+    the sign exists (GELU/SiLU/Tanh, an activation shared or applied as a function with no single
+    consumer, an untraceable model outside ``nn.Sequential``) the layer keeps the weight form
+    ``f(r·(uᵀx + λ))``, which differs once ``r`` crosses zero; the returned report says so.
+    ``form="weight"`` gives the weight form everywhere.
+
+    A Parameter shared by several modules (tied weights, e.g. an ``lm_head`` tied to the
+    embedding) is skipped and reported: separate coordinates would untie it.
 
     Args:
         model: any ``nn.Module``.
@@ -308,18 +329,25 @@ def register(
         mode: see :func:`geometric`.
         imn: also centre each registered layer's input (:func:`georeparam.input_mean_norm`,
             momentum 0.1), as the paper pairs GmP with IMN.
+        form: ``"paper"`` or ``"weight"``.
 
     Returns:
-        The qualified names of the registered layers.
+        A :class:`georeparam.Report`: iterating it yields the registered layers' qualified names;
+        printed, it is a table of each layer's form and why.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
         >>> register(model, exclude=["2"])
-        ['0']
+        GmP: 1 layer registered (1 in the paper's form, 0 in the weight form), 1 skipped
+          layer  type    form   where / why
+          0      Linear  paper  sign(r) after 1 (ReLU)
+          2      Linear  -      skipped: excluded
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"register expects an nn.Module. Got: {type(model).__name__}")
     _check_mode(mode)
+    if form not in FORMS:
+        raise ValueError(f"register: form must be one of {FORMS}. Got: {form!r}")
     inc_names, inc_types = _selector(include, "include")
     exc_names, exc_types = _selector(exclude, "exclude")
     if include is None:
@@ -328,12 +356,25 @@ def register(
     for n in inc_names + exc_names:
         if n not in modules:
             raise ValueError(f"register: no module named {n!r} in {type(model).__name__}. Got: {sorted(modules)[:20]}")
-    chosen = []
+    tied = _tied(model)
+    chosen, entries = [], {}
     for qname, m in modules.items():
-        if ".parametrizations." in f".{qname}.":
+        if ".parametrizations." in f".{qname}." or qname.endswith("parametrizations"):
             continue
+        kind = _describe(m)
         selected = qname in inc_names or isinstance(m, inc_types)
-        if not selected or qname in exc_names or (exc_types and isinstance(m, exc_types)):
+        own = {n: p for n, p in m._parameters.items() if p is not None}
+        if not selected:
+            if isinstance(m, SUPPORTED) or any(p.dim() >= 2 for p in own.values()):
+                why = "not included" if isinstance(m, SUPPORTED) else f"unsupported type {kind}"
+                entries[qname] = LayerReport(qname, kind, None, why=why)
+            continue
+        if qname in exc_names or (exc_types and isinstance(m, exc_types)):
+            entries[qname] = LayerReport(qname, kind, None, why="excluded")
+            continue
+        shared = [f"{n} with {', '.join(x for x in tied[id(p)] if x != (f'{qname}.{n}' if qname else n))}" for n, p in own.items() if id(p) in tied]
+        if shared:
+            entries[qname] = LayerReport(qname, kind, None, why=f"tied: {'; '.join(shared)} (one set of coordinates each would untie them)")
             continue
         chosen.append((qname, m))
     for qname, m in chosen:
@@ -349,11 +390,15 @@ def register(
                 _imn.check_input_mean_norm(m, "register(imn=True)")
             except (TypeError, ValueError) as e:
                 raise type(e)(f"register: layer {qname or '<root>'!r}: {e}") from None
+    if form == "paper":
+        places = _signs.plan(model, [q for q, _ in chosen])
+    else:
+        places = {q: _signs.Placement("weight", why='form="weight" requested') for q, _ in chosen}
     done = []
     try:
         for qname, m in chosen:
             original = (m._parameters["weight"], m._parameters.get("bias", None))
-            _register_validated(m, "weight", "bias", mode)
+            _register_validated(m, "weight", "bias", mode, sign_after=places[qname].sign)
             done.append((m, original))
     except BaseException:
         for m, (w, b) in reversed(done):
@@ -362,10 +407,15 @@ def register(
             if b is not None:
                 m._parameters["bias"] = b
         raise
+    for qname, m in chosen:
+        place = places[qname]
+        if place.sign:
+            _entry(m, "weight")[1].sign_hook = _signs.attach(modules, m, "weight", place)
+        entries[qname] = LayerReport(qname, _describe(m), place.form, where=place.where, why=place.why)
     if imn:
         for _, m in chosen:
             _imn.input_mean_norm(m)
-    return [q for q, _ in chosen]
+    return Report([entries[q] for q in modules if q in entries])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -384,8 +434,13 @@ def _own_class(module: nn.Module) -> None:
     module.__class__ = clone
 
 
-def _remove_one(module: nn.Module) -> None:
+def _remove_one(module: nn.Module) -> List[Tuple["_signs.SignHook", Tensor]]:
+    """Bake one layer back; returns its live sign hooks with their signs, for :func:`_signs.bake`."""
+    pending = []
     for wname, param in _geometric_entries(module):
+        if param.sign_hook is not None:
+            pending.append((param.sign_hook, param.sign_hook.sign().detach().clone()))
+            param.sign_hook = None
         bname = param._bias_name
         with torch.no_grad():
             g = geometry(module, wname)
@@ -403,6 +458,7 @@ def _remove_one(module: nn.Module) -> None:
     # fold the running mean into the (now plain) bias where exact, else keep it --
     if _imn.has_input_mean_norm(module) and not is_geometric(module):
         _imn.fold_input_mean_norm(module)
+    return pending
 
 
 def remove(model_or_module: nn.Module) -> nn.Module:
@@ -437,8 +493,13 @@ def remove(model_or_module: nn.Module) -> nn.Module:
             f"remove: {_describe(model_or_module)} has no GmP-registered layer. Got: {type(model_or_module).__name__}"
         )
     _refuse_sharded(targets)
+    pending = []
     for m in targets:
-        _remove_one(m)
+        pending += _remove_one(m)
+    # the signs go last: a consumer that was GmP is plain by now (or stays GmP and keeps its own sign)
+    kept = [msg for hook, s in pending for msg in [_signs.bake(hook, s)] if msg]
+    if kept:
+        warnings.warn("georeparam.remove: " + "; ".join(kept), stacklevel=2)
     return model_or_module
 
 

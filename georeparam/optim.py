@@ -3,9 +3,10 @@ r"""Training GmP layers: parameter groups per kind, and an optimizer wrapper tha
 * :func:`param_groups` splits a model's Parameters into ``angles`` / ``radius`` / ``offset`` /
   ``other`` groups (by identity) with their own learning rate and weight decay.
 * :class:`GeometricOptimizer` wraps any supported ``torch.optim`` optimizer and, every ``every``
-  steps, maps each GmP unit back to canonical coordinates (radius ≥ 0, latitudes in
-  ``[−π/2, π/2]``, last angle in ``(−π, π]``) *and* transforms the optimizer's state with it, so
-  that the trajectory of ``w`` and ``b`` is the one the unwrapped optimizer would follow.
+  steps, maps each GmP unit back to canonical coordinates (latitudes in ``[−π/2, π/2]``, last
+  angle in ``(−π, π]``; radius ≥ 0 in the weight form, any sign in the paper's form) *and*
+  transforms the optimizer's state with it, so that the trajectory of ``w`` and ``b`` is the one
+  the unwrapped optimizer would follow.
 
 # Note [Why the trajectory is unchanged]
 Canonicalization maps every coordinate by an affine map ``x ↦ σx + c`` with ``σ = ±1``: a shift
@@ -17,6 +18,13 @@ past gradients: momentum, Adam's ``exp_avg``), which becomes ``σ·state``, or e
 squares or magnitudes: ``exp_avg_sq``, Adagrad's ``sum``, Rprop's step sizes), which stays. With
 the state mapped that way, every later update is ``σ`` times the unwrapped one, i.e. the same
 step seen through the map: ``w`` and ``b`` follow the same path (up to rounding).
+
+# Note [Canonical form in the paper's form]
+In the paper's form (``register(form="paper")``, :mod:`georeparam.signs`) a unit computes
+``r·f(uᵀx + λ)``: ``r < 0`` is a state of its own (it negates the unit's output), not the same
+point as ``(−r, −u, −λ)``, whose boundary faces the other way. There canonicalization reduces the
+angles keeping ``u`` exactly and never touches ``r`` or ``λ``: canonical ranges for the angles,
+any sign for the radius.
 
 # Note [Weight decay and canonicalization]
 Weight decay pulls a coordinate toward 0, and ``x ↦ σx + c`` commutes with that pull only when
@@ -173,18 +181,21 @@ _KINDS = ("odd", "even", "scalar", "affine")
 class _Layer:
     """The live coordinates of one GmP layer, and whether they need canonicalizing at all."""
 
-    __slots__ = ("name", "radius", "angles", "offset")
+    __slots__ = ("name", "radius", "angles", "offset", "keep_sign")
 
-    def __init__(self, name: str, radius: Tensor, angles: Tensor, offset: Optional[Tensor]):
+    def __init__(self, name: str, radius: Tensor, angles: Tensor, offset: Optional[Tensor], keep_sign: bool = False):
         self.name, self.radius, self.angles, self.offset = name, radius, angles, offset
+        #: the paper's form: r < 0 is a state of its own (Note [Canonical form in the paper's form])
+        self.keep_sign = keep_sign
 
 
 class GeometricOptimizer(torch.optim.Optimizer):
     r"""Wrap an optimizer so that GmP coordinates stay canonical without changing the trajectory.
 
     After every ``every`` calls of :meth:`step`, each unit of each GmP layer whose coordinates
-    left their canonical ranges (radius < 0, a latitude outside ``[−π/2, π/2]``, the last angle
-    outside ``(−π, π]``) is mapped back (:func:`georeparam.coords.canonical_parts`; ``w`` and
+    left their canonical ranges (a latitude outside ``[−π/2, π/2]``, the last angle outside
+    ``(−π, π]``, or, in the weight form only, radius < 0: Note [Canonical form in the paper's
+    form]) is mapped back (:func:`georeparam.coords.canonical_parts`; ``w`` and
     ``b`` are unchanged), and the wrapped optimizer's state for those coordinates is transformed
     with it (Note [Why the trajectory is unchanged]): the model follows the same trajectory it
     would without the wrapper, but its angles never grow to where float32 ``sin``/``cos`` lose
@@ -227,8 +238,8 @@ class GeometricOptimizer(torch.optim.Optimizer):
         ...     optimizer.step()
         ...     scheduler.step()
         >>> g = georeparam.geometry(model[0])
-        >>> bool((g.radius >= 0).all()), bool((g.angles[:, :-1].abs() <= torch.pi / 2).all())
-        (True, True)
+        >>> bool((g.angles[:, :-1].abs() <= torch.pi / 2).all())
+        True
         >>> bool((g.angles[:, -1].abs() <= torch.pi).all()), optimizer.param_groups[0]["lr"]
         (True, 0.075)
     """
@@ -248,21 +259,21 @@ class GeometricOptimizer(torch.optim.Optimizer):
             raise _no_layers_error("GeometricOptimizer", model)
         in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
         status = []
-        for qname, m, wname, _ in layers:
+        for qname, m, wname, param in layers:
             g = geometry(m, wname)
             inside = {k: id(p) in in_opt for k, p in g._asdict().items() if p is not None}
-            status.append((qname or "<root>", g, inside))
-        if not any(inside["radius"] or inside["angles"] for _, _, inside in status):
+            status.append((qname or "<root>", g, inside, param.sign_after))
+        if not any(inside["radius"] or inside["angles"] for _, _, inside, _ in status):
             raise ValueError(
                 "GeometricOptimizer: none of the model's GmP radii or angles are in the optimizer (was it built "
                 "before georeparam.register? then it holds orphans). Got: "
                 f"{len(layers)} GmP layers, {len(in_opt)} optimizer parameters"
             )
         self._layers: List[_Layer] = []
-        for qname, g, inside in status:
+        for qname, g, inside, keep_sign in status:
             if all(inside.values()):
                 if g.angles.shape[-1] > 0:  # fan-in 1: no angles, the radius carries the sign
-                    self._layers.append(_Layer(qname, g.radius, g.angles, g.offset))
+                    self._layers.append(_Layer(qname, g.radius, g.angles, g.offset, keep_sign))
             elif any(inside.values()):
                 raise ValueError(
                     f"GeometricOptimizer: layer {qname!r} has only some of its GmP Parameters in the optimizer; "
@@ -401,7 +412,11 @@ class GeometricOptimizer(torch.optim.Optimizer):
         changed = 0
         for layer in self._layers:
             r, a = layer.radius, layer.angles
-            new_r, new_a, r_sign, a_sign = canonical_parts(r, a)
+            if layer.keep_sign:  # angles only, keeping u: canonical_parts leaves u alone for r ≥ 0
+                _, new_a, _, a_sign = canonical_parts(r.abs(), a)
+                new_r, r_sign = r, torch.ones_like(r)
+            else:
+                new_r, new_a, r_sign, a_sign = canonical_parts(r, a)
             rows = (new_r != r) | (new_a != a).any(-1)
             n = int(rows.sum())
             if n == 0:

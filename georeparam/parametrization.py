@@ -1,21 +1,18 @@
 r"""The ``torch.nn.utils.parametrize`` modules behind :func:`georeparam.geometric`.
 
 * :class:`_Geometric` (on the weight): ``(radius, angles) → W`` with one unit per output neuron,
-  ``w_i = r_i · u(angles_i)``; stored as ``parametrizations.weight.original0`` (radius, one per
-  unit) and ``parametrizations.weight.original1`` (latitude angles, ``units × (fan_in − 1)``).
-* :class:`_GeometricBias` (on the bias): ``offset → b = r · λ``, reading the live radius of the
-  same layer; stored as ``parametrizations.bias.original``.
+  ``w_i = r_i · u(angles_i)`` (the weight form) or ``w_i = |r_i| · u(angles_i)`` (the paper's form,
+  where ``sign(r_i)`` acts after the activation: :mod:`georeparam.signs`); stored as
+  ``parametrizations.weight.original0`` (radius, one per unit, signed) and
+  ``parametrizations.weight.original1`` (latitude angles, ``units × (fan_in − 1)``).
+* :class:`_GeometricBias` (on the bias): ``offset → b = r · λ`` (``|r| · λ`` in the paper's form),
+  reading the live radius of the same layer; stored as ``parametrizations.bias.original``.
 
-Units. A weight is viewed as a matrix ``(units, fan_in)``:
-
-* ``Linear (out, in)`` as is; ``ConvNd (out, in/groups, *k)`` → ``(out, in/groups·∏k)``;
-* ``ConvTransposeNd (in, out/groups, *k)``: each *output* channel is a unit →
-  ``(out, in/groups·∏k)``.
+Units: the ``(units, fan_in)`` view of each layer type is :mod:`georeparam.layouts`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch
@@ -23,49 +20,58 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .coords import _check_mode, _scaled_unit, to_hyperspherical
+from .layouts import Layout
+from .signs import unit_sign
 
 
 class _Geometric(nn.Module):
-    """``(radius, angles) → weight`` for one layer's weight tensor."""
+    """``(radius, angles) → weight`` for one layer's weight tensor.
 
-    def __init__(self, shape: torch.Size, *, transposed: bool = False, groups: int = 1, mode: str = "exact"):
+    ``sign_after``: the paper's form (:mod:`georeparam.signs`): the weight is ``|r|·u`` and
+    ``sign(r)`` acts after the activation; otherwise the weight form ``w = r·u``.
+    """
+
+    def __init__(
+        self, shape, *, transposed: bool = False, groups: int = 1, mode: str = "exact", sign_after: bool = False,
+        channel_dim: int = -1,
+    ):  # fmt: skip
         super().__init__()
         _check_mode(mode)
-        self.shape = torch.Size(shape)
-        self.transposed = bool(transposed)
-        self.groups = int(groups)
+        self.layout = shape if isinstance(shape, Layout) else Layout(shape, channel_dim=channel_dim, transposed=transposed, groups=groups)
         self.mode = mode
-        if self.transposed:
-            in_ch, out_per_group = self.shape[0], self.shape[1]
-            self.units = out_per_group * self.groups
-            self.fan_in = (in_ch // self.groups) * math.prod(self.shape[2:])
-        else:
-            self.units = self.shape[0]
-            self.fan_in = math.prod(self.shape[1:])
+        self.sign_after = bool(sign_after)
         # set by api.geometric once the bias is registered; see Note [Assigning the weight]
         self._bias_name = None
         self._weight_name = None
+        #: the :class:`georeparam.signs.SignHook` carrying sign(r), in the paper's form
+        self.sign_hook = None
 
-    # -- layout ------------------------------------------------------------------------------
+    # -- layout (georeparam.layouts) ------------------------------------------------------------
+    shape = property(lambda self: self.layout.shape)
+    units = property(lambda self: self.layout.units)
+    fan_in = property(lambda self: self.layout.fan_in)
+    transposed = property(lambda self: self.layout.transposed)
+    groups = property(lambda self: self.layout.groups)
+
     def to_units(self, weight: Tensor) -> Tensor:
         """Weight tensor → ``(units, fan_in)`` matrix (a view where possible)."""
-        if not self.transposed:
-            return weight.reshape(self.units, self.fan_in)
-        g = self.groups
-        in_ch, opg = self.shape[0], self.shape[1]
-        k = math.prod(self.shape[2:])
-        w = weight.reshape(g, in_ch // g, opg, k).permute(0, 2, 1, 3)
-        return w.reshape(self.units, self.fan_in)
+        return self.layout.to_units(weight)
 
     def from_units(self, mat: Tensor) -> Tensor:
         """``(units, fan_in)`` matrix → weight tensor; the inverse of :meth:`to_units`."""
-        if not self.transposed:
-            return mat.reshape(self.shape)
-        g = self.groups
-        in_ch, opg = self.shape[0], self.shape[1]
-        k = math.prod(self.shape[2:])
-        w = mat.reshape(g, opg, in_ch // g, k).permute(0, 2, 1, 3)
-        return w.reshape(self.shape)
+        return self.layout.from_units(mat)
+
+    def effective_radius(self, radius: Tensor) -> Tensor:
+        """The radius the layer's weight carries: ``|r|`` in the paper's form, else ``r``.
+
+        In the paper's form the sign is held constant (``s(0) = +1``) and an exact ``r = 0`` is
+        carried as the dtype's smallest normal number (Note [The gradient at r = 0] in
+        :mod:`georeparam.signs`).
+        """
+        if not self.sign_after:
+            return radius
+        zero = (radius.detach() == 0).to(radius.dtype) * torch.finfo(radius.dtype).tiny
+        return radius * unit_sign(radius) + zero
 
     # -- the map -------------------------------------------------------------------------------
     def forward(self, radius: Tensor, angles: Tensor) -> Tensor:
@@ -74,12 +80,12 @@ class _Geometric(nn.Module):
         # map runs in the parameters' dtype (float32 at least; coords' Note [Where float64 is
         # needed]) and the layer's own op casts the finished weight.
         with torch.autocast(device_type=angles.device.type, enabled=False):
-            return self.from_units(_scaled_unit(radius, angles, self.mode))
+            return self.from_units(_scaled_unit(self.effective_radius(radius), angles, self.mode))
 
     def right_inverse(self, weight: Tensor) -> Tuple[Tensor, Tensor]:
         # Note [Assigning the weight]
         # ``layer.weight = W`` ends here. The bias b = r·λ must keep its value, so λ is rescaled to
-        # b / r_new. This is the only place that sees both the old and the new radius.
+        # b / r_new. In the paper's form W is |r|·u and each unit keeps its sign(r). This is the only place that sees both the old and the new radius.
         # Everything is checked before the offset is touched: PyTorch's own checks of our result
         # (dtype) run after this returns, when the rescaled offset would already be written.
         layer = getattr(self, "_layer", None)
@@ -94,17 +100,21 @@ class _Geometric(nn.Module):
         with torch.no_grad():
             radius, angles = to_hyperspherical(self.to_units(weight))
             _check_radius(radius, what)
-            if self._bias_name is not None:
-                layer = self._layer
-                bias_list = layer.parametrizations[self._bias_name]
+            if layer is not None:
                 old_radius = layer.parametrizations[self._weight_name].original0
-                bias = old_radius.to(torch.float64) * bias_list.original.to(torch.float64)
-                offset = offset_from(bias, radius, f"{what} (keeping {self._bias_name})")
-                bias_list.original.copy_(offset)
+                if self._bias_name is not None:
+                    bias_list = layer.parametrizations[self._bias_name]
+                    bias = self.effective_radius(old_radius).to(torch.float64) * bias_list.original.to(torch.float64)
+                    offset = offset_from(bias, radius, f"{what} (keeping {self._bias_name})")
+                    bias_list.original.copy_(offset)
+                if self.sign_after:  # the weight is |r|·u: each unit keeps its sign(r) after the activation
+                    radius = radius * unit_sign(old_radius)
         return radius, angles
 
     def extra_repr(self) -> str:
         s = f"units={self.units}, fan_in={self.fan_in}, mode={self.mode!r}"
+        if self.sign_after:
+            s += ", sign_after=True"
         if self.transposed:
             s += ", transposed=True"
         if self.groups != 1:
@@ -129,7 +139,9 @@ class _GeometricBias(nn.Module):
         self.weight_name = weight_name
 
     def _radius(self) -> Tensor:
-        return self._layer.parametrizations[self.weight_name].original0
+        """The radius the weight carries (``|r|`` in the paper's form)."""
+        plist = self._layer.parametrizations[self.weight_name]
+        return plist[0].effective_radius(plist.original0)
 
     def forward(self, offset: Tensor) -> Tensor:
         return self._radius() * offset

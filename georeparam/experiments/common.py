@@ -109,14 +109,14 @@ def apply_method(model: nn.Module, method: str, hidden: Sequence[str], output: s
     from .. import api
 
     if method == "GmP":
-        api.register(model, include=list(hidden))
+        api.register(model, include=list(hidden), form="weight")
         return model
     if not imn_available():
         raise RuntimeError(
             "GmP+IMN needs georeparam.register(..., imn=True) (georeparam/imn.py), which this build "
             "does not have. Got: register without an 'imn' argument"
         )
-    api.register(model, imn=True, exclude=[output])
+    api.register(model, imn=True, exclude=[output], form="weight")
     return model
 
 
