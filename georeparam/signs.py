@@ -193,6 +193,10 @@ class Placement:
         return f"Placement(form={self.form!r}, where={self.where!r}, why={self.why!r})"
 
 
+# A fan-in-1 unit has no angles: its direction ±1 is the sign of r itself (coords: "n = 1").
+_FAN_IN_1 = Placement("weight", why="fan-in 1: the direction ±1 is the sign of r itself, so no sign can act after f")
+
+
 def _linear(where: str) -> Placement:
     return Placement("paper", where=where)
 
@@ -233,6 +237,9 @@ def plan(model: nn.Module, names: Sequence[str]) -> Dict[str, Placement]:
         if node.op == "call_module":
             calls.setdefault(node.target, []).append(node)
     for name in rest:
+        if layout_of(modules[name]).fan_in == 1:
+            out[name] = _FAN_IN_1
+            continue
         nodes = calls.get(name, [])
         if len(nodes) != 1:
             out[name] = (
@@ -312,11 +319,12 @@ def _consumer(act, modules, calls, cd) -> Tuple[Optional[str], bool, bool]:
 
 def _plan_sequential(model: nn.Module, names: Sequence[str], why_untraced: str) -> Dict[str, Placement]:
     """When tracing fails: a layer inside a plain ``nn.Sequential`` is followed by its next sibling."""
+    modules = dict(model.named_modules())
+    out = {n: _FAN_IN_1 for n in names if layout_of(modules[n]).fan_in == 1}
+    names = [n for n in names if n not in out]
     counts: Dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         counts[id(m)] = counts.get(id(m), 0) + 1
-    modules = dict(model.named_modules())
-    out = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = modules.get(parent_name)

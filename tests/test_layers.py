@@ -318,3 +318,24 @@ def test_precision_through_a_conv_layout():
         georeparam.geometric(layer)
         assert georeparam.geometry(layer).angles.shape == (2, 25087)
         assert rel_err(layer.weight, w0) <= 1e-6
+
+
+@pytest.mark.parametrize("form", ["paper", "weight"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name,factory,in_shape", LAYERS, ids=[c[0] for c in LAYERS])
+def test_register_followed_by_relu_is_exact_in_both_forms(name, factory, in_shape, dtype, form):
+    # register on (layer, ReLU): the paper's form puts sign(r) after the ReLU, the weight form does not
+    model = nn.Sequential(_make(factory, True, dtype), nn.ReLU())
+    with seeded(2):
+        x = torch.randn((2,) + in_shape, dtype=dtype)
+        g = torch.randn_like(model(x))
+    y0, gx0 = _forward_and_input_grad(model, x, g)
+    report = georeparam.register(model, form=form)
+    fan_in_1 = georeparam.geometry(model[0]).angles.shape[-1] == 0
+    assert report.form_of("0") == ("weight" if form == "weight" or fan_in_1 else "paper")
+    y1, gx1 = _forward_and_input_grad(model, x, g)
+    t = tol(dtype)
+    assert rel_err(y1, y0) <= t and rel_err(gx1, gx0) <= t
+    georeparam.remove(model)
+    y2, _ = _forward_and_input_grad(model, x, g)
+    assert torch.equal(y2, y1)

@@ -389,3 +389,49 @@ def test_registration_is_exact_in_both_forms(form, dtype, tol):
         after = model(x)
     assert len(report) == 5
     assert float((after - before).norm() / before.norm()) <= tol
+
+
+def test_report_and_remove_on_torchvision_like_models():
+    from _torchvision_like import ResNet18, vgg11
+
+    torch.manual_seed(0)
+    resnet = ResNet18(width=4).double().eval()
+    report = register(resnet)
+    assert len(report) == 21 and all(e.form == "paper" for e in report.layers)
+    assert all("BatchNorm2d" in e.where for e in report.layers if e.kind == "Conv2d")
+    assert report.form_of("fc") == "paper" and "output" in report.layers[-1].where
+
+    vgg = vgg11(width=4).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    report = register(vgg)
+    convs = [e for e in report.layers if e.kind == "Conv2d"]
+    assert len(convs) == 8 and all(e.where.startswith("sign(r) after features.") for e in convs)
+    with torch.no_grad():
+        for m in vgg.modules():
+            if georeparam.is_geometric(m):
+                geometry(m).radius[::3] *= -1
+        before = vgg(x)
+        # features.6's units feed features.8 through an in-place ReLU alone: flipping every r there
+        # negates features.8's input
+        flipped = copy.deepcopy(vgg)
+        geometry(flipped.features[6]).radius.mul_(-1)
+        minus = -torch.ones(vgg.features[8].in_channels, dtype=x.dtype)
+        torch.testing.assert_close(flipped(x), _with_input_sign(vgg, x, "features.8", minus), rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(flipped(x), before)
+    with pytest.warns(UserWarning, match="max-pool"):
+        remove(vgg)
+    with torch.no_grad():
+        after = vgg(x)
+    assert float((after - before).norm() / before.norm()) <= 1e-9
+    kept = {n for n, m in vgg.named_modules() if hasattr(m, "georeparam_sign")}
+    assert kept and all(vgg.features[int(n.split(".")[1]) + 1].__class__ is nn.MaxPool2d for n in kept)
+
+
+def _with_input_sign(model, x, name, sign):
+    """model(x) with the input of module ``name`` multiplied by ``sign`` per channel (a second hook)."""
+    target = dict(model.named_modules())[name]
+    handle = target.register_forward_pre_hook(lambda m, a: (a[0] * sign[:, None, None],))
+    try:
+        return model(x)
+    finally:
+        handle.remove()
