@@ -434,6 +434,17 @@ def _own_class(module: nn.Module) -> None:
     module.__class__ = clone
 
 
+def _orphan_biases(module: nn.Module) -> List[str]:
+    """Biases still GmP-parametrized whose weight was unregistered by torch's own remover."""
+    if not parametrize.is_parametrized(module):
+        return []
+    weights = {n for n, _ in _geometric_entries(module)}
+    return [
+        n for n, plist in module.parametrizations.items()
+        if len(plist) and isinstance(plist[0], _GeometricBias) and plist[0].weight_name not in weights
+    ]  # fmt: skip
+
+
 def _remove_one(module: nn.Module) -> List[Tuple["_signs.SignHook", Tensor]]:
     """Bake one layer back; returns its live sign hooks with their signs, for :func:`_signs.bake`."""
     pending = []
@@ -487,20 +498,34 @@ def remove(model_or_module: nn.Module) -> nn.Module:
     """
     if not isinstance(model_or_module, nn.Module):
         raise TypeError(f"remove expects an nn.Module. Got: {type(model_or_module).__name__}")
+    # Note [torch's remover on a GmP weight]: finish what torch's remover left (bias, sign)
+    orphans = [m for m in model_or_module.modules() if _orphan_biases(m)]
+    signs = [(h, h.sign().detach().clone()) for h in _signs.live_hooks(model_or_module) if h.orphaned()]
+    for m in orphans:
+        for bname in _orphan_biases(m):
+            _own_class(m)
+            parametrize.remove_parametrizations(m, bname, leave_parametrized=True)
     targets = [m for m in model_or_module.modules() if is_geometric(m)]
+    if (orphans or signs) and not targets:
+        _bake_all(signs)
+        return model_or_module
     if not targets:
         raise ValueError(
             f"remove: {_describe(model_or_module)} has no GmP-registered layer. Got: {type(model_or_module).__name__}"
         )
     _refuse_sharded(targets)
-    pending = []
+    pending = signs
     for m in targets:
         pending += _remove_one(m)
+    _bake_all(pending)
+    return model_or_module
+
+
+def _bake_all(pending) -> None:
     # the signs go last: a consumer that was GmP is plain by now (or stays GmP and keeps its own sign)
     kept = [msg for hook, s in pending for msg in [_signs.bake(hook, s)] if msg]
     if kept:
-        warnings.warn("georeparam.remove: " + "; ".join(kept), stacklevel=2)
-    return model_or_module
+        warnings.warn("georeparam.remove: " + "; ".join(kept), stacklevel=3)
 
 
 def _refuse_sharded(targets: Sequence[nn.Module]) -> None:

@@ -13,6 +13,7 @@ Units: the ``(units, fan_in)`` view of each layer type is :mod:`georeparam.layou
 
 from __future__ import annotations
 
+import warnings
 from typing import Tuple
 
 import torch
@@ -136,11 +137,31 @@ class _GeometricBias(nn.Module):
     def __init__(self, layer: nn.Module, weight_name: str):
         super().__init__()
         object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_weight_list", layer.parametrizations[weight_name])
         self.weight_name = weight_name
 
     def _radius(self) -> Tensor:
         """The radius the weight carries (``|r|`` in the paper's form)."""
-        plist = self._layer.parametrizations[self.weight_name]
+        plists = self._layer.parametrizations
+        if self.weight_name in plists:
+            plist = plists[self.weight_name]
+        else:
+            # Note [torch's remover on a GmP weight]
+            # ``parametrize.remove_parametrizations(layer, "weight")`` bakes w and drops the weight's
+            # ParametrizationList, radius included, while this bias still reads r. The bias keeps
+            # that list (a plain attribute, not a submodule: nothing is duplicated in state_dict)
+            # and goes on with the radius's last value, so the layer computes what it computed;
+            # the radius no longer trains. ``georeparam.remove`` bakes the bias too.
+            plist = self._weight_list
+            if not getattr(self, "_warned", False):
+                object.__setattr__(self, "_warned", True)
+                warnings.warn(
+                    f"{parametrize.type_before_parametrizations(self._layer).__name__}.{self.weight_name}: its GmP "
+                    f"parametrization was removed with torch's remove_parametrizations, but the bias b = r·λ reads "
+                    f"r; the bias keeps r's last value (r no longer trains). Call georeparam.remove(layer) to bake "
+                    f"the bias too, or use georeparam.remove instead of torch's remover",
+                    stacklevel=2,
+                )
         return plist[0].effective_radius(plist.original0)
 
     def forward(self, offset: Tensor) -> Tensor:

@@ -401,6 +401,8 @@ class SignHook:
         consumer: Optional[nn.Module] = None, flattened: bool = False,
     ):  # fmt: skip
         self.layer = layer
+        # the weight's ParametrizationList, kept for Note [torch's remover on a GmP weight]
+        self._weight_list = layer.parametrizations[weight_name] if layer is not None else None
         self.consumer = consumer
         self.flattened = flattened
         self.weight_name = weight_name
@@ -413,7 +415,16 @@ class SignHook:
     def sign(self) -> Tensor:
         if self.layer is None:
             return getattr(self.host, _BUFFER)
-        return unit_sign(self.layer.parametrizations[self.weight_name].original0)
+        plists = self.layer.parametrizations if hasattr(self.layer, "parametrizations") else {}
+        plist = plists[self.weight_name] if self.weight_name in plists else self._weight_list
+        return unit_sign(plist.original0)
+
+    def orphaned(self) -> bool:
+        """Whether torch's own remover took the layer's GmP weight away (the sign lives on)."""
+        if self.layer is None:
+            return False
+        plists = getattr(self.layer, "parametrizations", {})
+        return self.weight_name not in plists or plists[self.weight_name] is not self._weight_list
 
     def _apply(self, x: Tensor) -> Tensor:
         s = self.sign().to(x.dtype)
@@ -446,6 +457,15 @@ def attach(model_modules: Dict[str, nn.Module], layer: nn.Module, weight_name: s
         handle = host.register_forward_hook(hook, prepend=True)
     hook.handle_id = handle.id
     return hook
+
+
+def live_hooks(model: nn.Module):
+    """Every live :class:`SignHook` on ``model``'s modules."""
+    for m in model.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for h in list(hooks.values()):
+                if isinstance(h, SignHook) and h.layer is not None:
+                    yield h
 
 
 def detach(hook: SignHook) -> None:

@@ -435,3 +435,20 @@ def _with_input_sign(model, x, name, sign):
         return model(x)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("form", ["paper", "weight"])
+def test_torchs_own_remover_keeps_the_function_and_remove_finishes(form):
+    model, x = negative_model("mlp")
+    if form == "weight":
+        model, x, _ = data("mlp", 2)
+        register(model, form="weight")
+    with torch.no_grad():
+        before = model(x)
+    torch.nn.utils.parametrize.remove_parametrizations(model[0], "weight")
+    with pytest.warns(UserWarning, match="torch's remove_parametrizations"), torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
+    remove(model)
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
