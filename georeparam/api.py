@@ -18,8 +18,8 @@ from torch.nn.utils import parametrize
 from . import imn as _imn
 from . import signs as _signs
 from .coords import _check_mode, to_hyperspherical
-from .layouts import SUPPORTED, layout_of
-from .parametrization import _Geometric, _GeometricBias, _check_radius, _check_weight_values, offset_from
+from .layouts import SUPPORTED, entry_of, is_supported, layout_of, supported_names, weight_names
+from .parametrization import _Geometric, _GeometricBias, _check_radius, _check_weight_values, offset_from, unit_coordinates
 from .report import LayerReport, Report
 
 __all__ = ["geometric", "register", "remove", "is_geometric", "geometry", "Geometry", "SUPPORTED", "FORMS"]
@@ -58,9 +58,12 @@ def _geometric_entries(module: nn.Module) -> List[Tuple[str, _Geometric]]:
     ]
 
 
-def _geometric_layers(model: nn.Module) -> List[Tuple[str, nn.Module, str, _Geometric]]:
+def geometric_layers(model: nn.Module) -> List[Tuple[str, nn.Module, str, _Geometric]]:
     """``(qualified name, layer, weight name, parametrization)`` of every GmP weight under ``model``."""
     return [(q, m, w, p) for q, m in model.named_modules() for w, p in _geometric_entries(m)]
+
+
+_geometric_layers = geometric_layers  # the old private name (init, optim)
 
 
 def is_geometric(module: nn.Module) -> bool:
@@ -121,11 +124,8 @@ def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> T
         raise TypeError(f"geometric expects an nn.Module. Got: {type(module).__name__}")
     _check_mode(mode)
     what = _describe(module)
-    if not isinstance(module, SUPPORTED):
-        raise TypeError(
-            f"geometric supports {', '.join(t.__name__ for t in SUPPORTED)} and their subclasses. "
-            f"Got: {what}"
-        )
+    if not is_supported(module):
+        raise TypeError(f"geometric supports {supported_names()} and their subclasses. Got: {what}")
     if is_geometric(module):
         raise ValueError(f"{what} is already GmP-registered; call georeparam.remove first. Got: {module!r}")
     if parametrize.is_parametrized(module, name):
@@ -145,14 +145,14 @@ def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> T
     _check_weight_values(weight, f"{what}.{name}")
     layout = _layout(module, weight)
     with torch.no_grad():
-        radius, _ = to_hyperspherical(layout.to_units(weight.detach()))
+        radius, _ = unit_coordinates(layout.to_units(weight.detach()))
     # finite entries can still have a row norm that overflows the dtype (r = inf)
     _check_radius(radius, f"{what}.{name}")
     b = None
     if bias is not None:
         if bias in module._parameters and module._parameters[bias] is not None:
             b = module._parameters[bias]
-        elif bias != "bias":
+        elif bias not in module._parameters and bias != "bias":
             params = [n for n, p in module._parameters.items() if p is not None]
             raise ValueError(f"'{bias}' is not a parameter of {what}. Got: parameters {params}")
     if b is not None:
@@ -282,6 +282,11 @@ def _selector(spec, what: str):
     return tuple(names), tuple(types)
 
 
+def _columns(module: nn.Module) -> bool:
+    e = entry_of(module)
+    return e is not None and any(layout_of(module, w).columns for w, _ in e.weights(module))
+
+
 def _tied(model: nn.Module) -> dict:
     """``id(Parameter) → qualified names`` for Parameters held by more than one module object."""
     holders: dict = {}
@@ -350,8 +355,6 @@ def register(
         raise ValueError(f"register: form must be one of {FORMS}. Got: {form!r}")
     inc_names, inc_types = _selector(include, "include")
     exc_names, exc_types = _selector(exclude, "exclude")
-    if include is None:
-        inc_types = SUPPORTED
     modules = dict(model.named_modules())
     for n in inc_names + exc_names:
         if n not in modules:
@@ -362,11 +365,12 @@ def register(
         if ".parametrizations." in f".{qname}." or qname.endswith("parametrizations"):
             continue
         kind = _describe(m)
-        selected = qname in inc_names or isinstance(m, inc_types)
+        supported = is_supported(m)
+        selected = qname in inc_names or (isinstance(m, inc_types) if include is not None else supported)
         own = {n: p for n, p in m._parameters.items() if p is not None}
         if not selected:
-            if isinstance(m, SUPPORTED) or any(p.dim() >= 2 for p in own.values()):
-                why = "not included" if isinstance(m, SUPPORTED) else f"unsupported type {kind}"
+            if supported or any(p.dim() >= 2 for p in own.values()):
+                why = "not included" if supported else f"unsupported type {kind}"
                 entries[qname] = LayerReport(qname, kind, None, why=why)
             continue
         if qname in exc_names or (exc_types and isinstance(m, exc_types)):
@@ -378,18 +382,20 @@ def register(
             continue
         chosen.append((qname, m))
     for qname, m in chosen:
-        try:
-            _validate(m, "weight", "bias", mode)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"register: layer {qname or '<root>'!r}: {e}") from None
-    if not isinstance(imn, bool):
-        raise TypeError(f"register: imn must be a bool. Got: {imn!r}")
-    if imn:
-        for qname, m in chosen:
+        pairs = weight_names(m) if is_supported(m) else [("weight", "bias")]
+        for wname, bname in pairs:
             try:
-                _imn.check_input_mean_norm(m, "register(imn=True)")
+                _validate(m, wname, bname, mode)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"register: layer {qname or '<root>'!r}: {e}") from None
+    if not isinstance(imn, bool):
+        raise TypeError(f"register: imn must be a bool. Got: {imn!r}")
+    with_imn = [(q, m) for q, m in chosen if not (entry_of(m) is not None and entry_of(m).inside) and not _columns(m)] if imn else []
+    for qname, m in with_imn:
+        try:
+            _imn.check_input_mean_norm(m, "register(imn=True)")
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"register: layer {qname or '<root>'!r}: {e}") from None
     if form == "paper":
         places = _signs.plan(model, [q for q, _ in chosen])
     else:
@@ -397,24 +403,26 @@ def register(
     done = []
     try:
         for qname, m in chosen:
-            original = (m._parameters["weight"], m._parameters.get("bias", None))
-            _register_validated(m, "weight", "bias", mode, sign_after=places[qname].sign)
+            original = {n: m._parameters.get(n, None) for pair in weight_names(m) for n in pair if n is not None}
             done.append((m, original))
+            for wname, bname in weight_names(m):
+                _register_validated(m, wname, bname, mode, sign_after=places[qname].sign)
     except BaseException:
-        for m, (w, b) in reversed(done):
-            _remove_one(m)
-            m._parameters["weight"] = w
-            if b is not None:
-                m._parameters["bias"] = b
+        for m, original in reversed(done):
+            if is_geometric(m):
+                _remove_one(m)
+            for n, p in original.items():
+                if p is not None:
+                    m._parameters[n] = p
         raise
     for qname, m in chosen:
         place = places[qname]
         if place.sign:
             _entry(m, "weight")[1].sign_hook = _signs.attach(modules, m, "weight", place)
-        entries[qname] = LayerReport(qname, _describe(m), place.form, where=place.where, why=place.why)
-    if imn:
-        for _, m in chosen:
-            _imn.input_mean_norm(m)
+        where = place.where + (" (no IMN: attention or HF Conv1D)" if imn and (qname, m) not in with_imn else "")
+        entries[qname] = LayerReport(qname, _describe(m), place.form, where=where, why=place.why)
+    for _, m in with_imn:
+        _imn.input_mean_norm(m)
     return Report([entries[q] for q in modules if q in entries])
 
 

@@ -7,15 +7,21 @@ Each supported layer type says, once, here:
 * along which dimension of the layer's *output* its units lie (:attr:`Layout.channel_dim`: the
   paper's form multiplies each unit's output by ``sign(r)`` along it).
 
-=========================  ======================  ==========================  ===========
-layer                      weight                  units × fan_in              channel dim
-=========================  ======================  ==========================  ===========
-``Linear``                 ``(out, in)``           ``(out, in)``               −1
-``ConvNd``                 ``(out, in/g, *k)``     ``(out, in/g·∏k)``           1
-``ConvTransposeNd``        ``(in, out/g, *k)``     ``(out, in/g·∏k)``           1
-=========================  ======================  ==========================  ===========
+=============================  ==========================  ==========================  ===========
+layer                          weight (bias)               units × fan_in              channel dim
+=============================  ==========================  ==========================  ===========
+``Linear``                     ``weight (out, in)``        ``(out, in)``               −1
+``ConvNd``                     ``weight (out, in/g, *k)``  ``(out, in/g·∏k)``           1
+``ConvTransposeNd``            ``weight (in, out/g, *k)``  ``(out, in/g·∏k)``           1
+``MultiheadAttention``         ``in_proj_weight (3E, E)``  ``(3E, E)``                 −1
+  (separate q/k/v dims)        ``q/k/v_proj_weight``       ``(E, kdim)`` etc.; bias    −1
+                                                           stays Cartesian (shared)
+Hugging Face ``Conv1D``        ``weight (in, out)``        ``(out, in)``: columns      −1
+=============================  ==========================  ==========================  ===========
 
-Adding a layer type is one entry in :data:`LAYOUTS`.
+Adding a layer type is one entry in :data:`LAYOUTS`: which weights (and biases) it has, and
+their :class:`Layout`. Hugging Face's ``Conv1D`` is named by its qualified class name, so
+``transformers`` is never imported here.
 
 Example:
     >>> import torch
@@ -31,26 +37,29 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["Layout", "LAYOUTS", "SUPPORTED", "layout_of", "is_supported"]
+__all__ = ["Layout", "Entry", "LAYOUTS", "SUPPORTED", "layout_of", "is_supported", "entry_of", "weight_names", "supported_names"]
 
 
 class Layout:
     """The unit view of one weight tensor: ``(units, fan_in)`` rows, and the output's unit dim."""
 
-    __slots__ = ("shape", "units", "fan_in", "channel_dim", "transposed", "groups")
+    __slots__ = ("shape", "units", "fan_in", "channel_dim", "transposed", "groups", "columns")
 
-    def __init__(self, shape, *, channel_dim: int = -1, transposed: bool = False, groups: int = 1):
+    def __init__(self, shape, *, channel_dim: int = -1, transposed: bool = False, groups: int = 1, columns: bool = False):
         self.shape = torch.Size(shape)
         self.channel_dim = int(channel_dim)
         self.transposed = bool(transposed)
         self.groups = int(groups)
-        if self.transposed:
+        self.columns = bool(columns)  # (in, out) weights: a unit is a column (HF Conv1D)
+        if self.columns:
+            self.units, self.fan_in = self.shape[1], self.shape[0]
+        elif self.transposed:
             in_ch, out_per_group = self.shape[0], self.shape[1]
             self.units = out_per_group * self.groups
             self.fan_in = (in_ch // self.groups) * math.prod(self.shape[2:])
@@ -60,6 +69,8 @@ class Layout:
 
     def to_units(self, weight: Tensor) -> Tensor:
         """Weight tensor → ``(units, fan_in)`` matrix (a view where possible)."""
+        if self.columns:
+            return weight.t()
         if not self.transposed:
             return weight.reshape(self.units, self.fan_in)
         g, (in_ch, opg), k = self.groups, self.shape[:2], math.prod(self.shape[2:])
@@ -68,6 +79,8 @@ class Layout:
 
     def from_units(self, mat: Tensor) -> Tensor:
         """``(units, fan_in)`` matrix → weight tensor; the inverse of :meth:`to_units`."""
+        if self.columns:
+            return mat.t()
         if not self.transposed:
             return mat.reshape(self.shape)
         g, (in_ch, opg), k = self.groups, self.shape[:2], math.prod(self.shape[2:])
@@ -88,10 +101,37 @@ class Layout:
             s += ", transposed=True"
         if self.groups != 1:
             s += f", groups={self.groups}"
+        if self.columns:
+            s += ", columns=True"
         return s + ")"
 
 
-def _linear(module: nn.Module, weight: Tensor) -> Layout:
+class Entry:
+    """One supported layer type: its ``(weight, bias)`` name pairs and each weight's :class:`Layout`.
+
+    ``inside``: the units feed an op of the layer itself (attention), never an activation.
+    """
+
+    __slots__ = ("weights", "layout", "inside")
+
+    def __init__(self, weights, layout, inside: bool = False):
+        self.weights: Callable[[nn.Module], List[Tuple[str, Optional[str]]]] = weights
+        self.layout: Callable[[nn.Module, Tensor], Layout] = layout
+        self.inside = inside
+
+
+def _weight_and_bias(module: nn.Module) -> List[Tuple[str, Optional[str]]]:
+    return [("weight", "bias")]
+
+
+def _mha_weights(module: nn.Module) -> List[Tuple[str, Optional[str]]]:
+    if module._qkv_same_embed_dim:
+        return [("in_proj_weight", "in_proj_bias")]
+    # one in_proj_bias serves q, k and v: b = r·λ needs one bias per weight, so it stays Cartesian
+    return [("q_proj_weight", None), ("k_proj_weight", None), ("v_proj_weight", None)]
+
+
+def _rows(module: nn.Module, weight: Tensor) -> Layout:
     return Layout(weight.shape, channel_dim=-1)
 
 
@@ -99,31 +139,50 @@ def _conv(module: nn.Module, weight: Tensor) -> Layout:
     return Layout(weight.shape, channel_dim=1, transposed=bool(module.transposed), groups=int(module.groups))
 
 
-#: One entry per supported layer type (subclasses included): ``type → (module, weight) → Layout``.
-LAYOUTS: Dict[type, Callable[[nn.Module, Tensor], Layout]] = {
-    nn.Linear: _linear,
-    nn.Conv1d: _conv,
-    nn.Conv2d: _conv,
-    nn.Conv3d: _conv,
-    nn.ConvTranspose1d: _conv,
-    nn.ConvTranspose2d: _conv,
-    nn.ConvTranspose3d: _conv,
+def _columns(module: nn.Module, weight: Tensor) -> Layout:
+    return Layout(weight.shape, channel_dim=-1, columns=True)
+
+
+_LINEAR = Entry(_weight_and_bias, _rows)
+_CONV = Entry(_weight_and_bias, _conv)
+
+#: One entry per supported layer type (subclasses included), keyed by the type or, for classes
+#: of optional packages, by ``"module.QualifiedName"``.
+LAYOUTS: Dict[Union[type, str], Entry] = {
+    nn.Linear: _LINEAR,
+    nn.Conv1d: _CONV,
+    nn.Conv2d: _CONV,
+    nn.Conv3d: _CONV,
+    nn.ConvTranspose1d: _CONV,
+    nn.ConvTranspose2d: _CONV,
+    nn.ConvTranspose3d: _CONV,
+    nn.MultiheadAttention: Entry(_mha_weights, _rows, inside=True),
+    "transformers.pytorch_utils.Conv1D": Entry(_weight_and_bias, _columns),
 }
 
-#: Layer types :func:`georeparam.register` converts by default (and their subclasses).
-SUPPORTED: Tuple[type, ...] = tuple(LAYOUTS)
+#: Layer types :func:`georeparam.register` converts by default (and their subclasses); classes of
+#: optional packages (Hugging Face ``Conv1D``) are matched by name: use :func:`is_supported`.
+SUPPORTED: Tuple[type, ...] = tuple(k for k in LAYOUTS if isinstance(k, type))
 
 
-def _entry(module: nn.Module) -> Optional[Callable[[nn.Module, Tensor], Layout]]:
+def entry_of(module: nn.Module) -> Optional[Entry]:
+    """The :data:`LAYOUTS` entry of ``module``'s type or its nearest base, or ``None``."""
     for cls in type(module).__mro__:
-        if cls in LAYOUTS:
-            return LAYOUTS[cls]
+        e = LAYOUTS.get(cls) or LAYOUTS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if e is not None:
+            return e
     return None
+
+
+def weight_names(module: nn.Module) -> List[Tuple[str, Optional[str]]]:
+    """``[(weight name, bias name or None), ...]`` that GmP registers on ``module``."""
+    e = entry_of(module)
+    return e.weights(module) if e is not None else []
 
 
 def is_supported(module: nn.Module) -> bool:
     """Whether ``module``'s type (or a base of it) has an entry in :data:`LAYOUTS`."""
-    return _entry(module) is not None
+    return entry_of(module) is not None
 
 
 def layout_of(module: nn.Module, name: str = "weight", weight: Optional[Tensor] = None) -> Layout:
@@ -132,12 +191,14 @@ def layout_of(module: nn.Module, name: str = "weight", weight: Optional[Tensor] 
     Raises:
         TypeError: ``module`` is not a supported layer type.
     """
-    entry = _entry(module)
+    entry = entry_of(module)
     if entry is None:
-        raise TypeError(
-            f"georeparam supports {', '.join(t.__name__ for t in SUPPORTED)} and their subclasses. "
-            f"Got: {parametrize.type_before_parametrizations(module).__name__}"
-        )
+        raise TypeError(f"georeparam supports {supported_names()} and their subclasses. Got: {parametrize.type_before_parametrizations(module).__name__}")
     if weight is None:
         weight = getattr(module, name)
-    return entry(module, weight)
+    return entry.layout(module, weight)
+
+
+def supported_names() -> str:
+    """The supported layer types, for messages."""
+    return ", ".join(k.__name__ if isinstance(k, type) else k.rsplit(".", 1)[-1] for k in LAYOUTS)

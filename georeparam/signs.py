@@ -39,6 +39,7 @@ behaviour returns at that one point.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -46,9 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layouts import Layout, is_supported, layout_of
+from .layouts import Layout, entry_of, is_supported, layout_of, weight_names
 
-__all__ = ["Placement", "SignHook", "plan", "unit_sign", "attach", "bake", "HOMOGENEOUS", "NOT_HOMOGENEOUS"]
+__all__ = [
+    "Placement", "SignHook", "plan", "unit_sign", "attach", "bake", "column_signs", "live_hooks", "HOMOGENEOUS",
+    "NOT_HOMOGENEOUS",
+]  # fmt: skip
 
 
 def unit_sign(radius: Tensor) -> Tensor:
@@ -100,7 +104,7 @@ def _describe_node(node, modules) -> str:
 
 
 def _kind(node, modules) -> str:
-    """'homogeneous' | 'not homogeneous' | 'other' for an op that consumes a layer's output."""
+    """'homogeneous' | 'not homogeneous' | 'linear' | 'unknown' for an op consuming a layer's output."""
     if node.op == "call_module":
         m = modules[node.target]
         if isinstance(m, HOMOGENEOUS):
@@ -117,7 +121,38 @@ def _kind(node, modules) -> str:
             return "homogeneous"
         if node.target in _NOT_HOMOGENEOUS_METHOD:
             return "not homogeneous"
-    return "other"
+    return "linear" if _linear_op(node, modules) else "unknown"
+
+
+# Ops after which a layer's units count as having no activation of their own: r·(uᵀx + λ) is the
+# paper's unit there. Anything else unknown keeps the weight form (GELU written out as
+# 0.5·x·(1 + tanh(…)) reaches `pow`, say).
+_LINEAR_MODULES = (
+    nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm, nn.Identity, nn.Flatten, nn.Unflatten, nn.MultiheadAttention,
+) + _DROPOUT + _AVG_POOL + _MAX_POOL  # fmt: skip
+_LINEAR_FN = {
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul, operator.truediv,
+    operator.getitem, operator.matmul, operator.neg, torch.add, torch.sub, torch.mul, torch.cat, torch.stack,
+    torch.flatten, torch.reshape, torch.matmul, torch.bmm, torch.transpose, torch.permute, torch.chunk, torch.split,
+    torch.squeeze, torch.unsqueeze, torch.einsum, F.linear, F.layer_norm, F.batch_norm, F.group_norm,
+    F.scaled_dot_product_attention, F.pad,
+} | _DROPOUT_FN | _AVG_POOL_FN | _MAX_POOL_FN  # fmt: skip
+_LINEAR_METHODS = {
+    "view", "reshape", "permute", "transpose", "contiguous", "flatten", "unflatten", "split", "chunk", "size",
+    "add", "add_", "sub", "mul", "mul_", "div", "expand", "unsqueeze", "squeeze", "matmul", "view_as", "to", "float",
+    "type_as", "narrow", "__getitem__", "neg",
+}  # fmt: skip
+
+
+def _linear_op(node, modules) -> bool:
+    if node.op == "output":
+        return True
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _LINEAR_MODULES) or is_supported(modules[node.target])
+    if node.op == "call_function":
+        return node.target in _LINEAR_FN
+    return node.op == "call_method" and node.target in _LINEAR_METHODS
 
 
 def _passes(node, prev, modules, channel_dim: int, *, before: bool) -> Optional[str]:
@@ -220,161 +255,159 @@ def plan(model: nn.Module, names: Sequence[str]) -> Dict[str, Placement]:
     out: Dict[str, Placement] = {}
     if "" in names:
         out[""] = _linear("no activation follows (the model's output)")
-    rest = [n for n in names if n != ""]
+    for n in names:
+        if n in out:
+            continue
+        e = entry_of(modules[n])
+        if e is not None and e.inside:
+            out[n] = _linear("inside attention: no activation follows")
+        elif layout_of(modules[n], weight_names(modules[n])[0][0]).fan_in == 1:
+            out[n] = _FAN_IN_1
+    rest = [n for n in names if n not in out]
     if not rest:
         return out
     leaves = {id(modules[n]) for n in rest}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = _Tracer(leaves).trace(model)
-    except Exception as e:  # noqa: BLE001 -- any failure to trace means "read it another way"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        out.update(_plan_sequential(model, rest, f"torch.fx could not trace {type(model).__name__} ({first[:120]})"))
+    whole = _Scope.trace(model, leaves, "", None)
+    if whole.error is None:
+        for name in rest:
+            out[name] = whole.place(name, layout_of(modules[name]))
         return out
-    calls: Dict[str, List] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(node.target, []).append(node)
-    for name in rest:
-        if layout_of(modules[name]).fan_in == 1:
-            out[name] = _FAN_IN_1
-            continue
-        nodes = calls.get(name, [])
-        if len(nodes) != 1:
-            out[name] = (
-                _linear("not called in the traced forward") if not nodes
-                else _weight(f"called {len(nodes)} times in forward: one sign per unit cannot follow each call")
-            )  # fmt: skip
-            continue
-        out[name] = _plan_node(nodes[0], modules, calls, layout_of(modules[name]))
-    return out
-
-
-def _plan_node(node, modules, calls, layout: Layout) -> Placement:
-    cd = layout.channel_dim
-    prev = node
-    while True:  # through ops that commute with a positive per-unit scale
-        users = list(prev.users)
-        if len(users) == 1 and _passes(users[0], prev, modules, cd, before=True) == "same":
-            prev = users[0]
-            continue
-        break
-    if not users:
-        return _linear("no activation follows (output unused)")
-    kinds = [_kind(u, modules) for u in users]
-    if "not homogeneous" in kinds:
-        act = users[kinds.index("not homogeneous")]
-        return _weight(f"followed by {_describe_node(act, modules)}, not positively homogeneous: computes f(r·(uᵀx+λ))")
-    if "homogeneous" not in kinds:
-        if len(users) == 1 and users[0].op == "output":
-            return _linear("no activation follows (the model's output)")
-        feeds = ", ".join(_describe_node(u, modules) for u in users[:3])
-        return _linear(f"no activation follows (output feeds {feeds})")
-    if len(users) > 1:
-        return _weight(f"output feeds an activation and {len(users) - 1} other op(s): no single place for sign(r)")
-    act = users[0]
-    if act.args[0] is not prev:
-        return _weight(f"the activation {_describe_node(act, modules)} does not take the layer's output as its input")
-    consumer, flattened, chain_ok = _consumer(act, modules, calls, cd)
-    if act.op == "call_module" and len(calls.get(act.target, [])) == 1:
-        return Placement(
-            "paper", sign=True, where=f"sign(r) after {_describe_node(act, modules)}", host=act.target,
-            consumer=consumer if chain_ok else None, flattened=flattened,
-        )  # fmt: skip
-    if consumer is not None and chain_ok:
-        return Placement(
-            "paper", sign=True, host=consumer, pre=True, consumer=consumer, flattened=flattened,
-            where=f"sign(r) after {_describe_node(act, modules)}, applied at the input of {consumer}",
-        )  # fmt: skip
-    what = "is a function" if act.op != "call_module" else "module is called more than once"
-    return _weight(
-        f"the activation {_describe_node(act, modules)} {what}, and its output reaches no single layer through "
-        f"sign-commuting ops (dropout, average pooling, flatten)"
-    )
-
-
-def _consumer(act, modules, calls, cd) -> Tuple[Optional[str], bool, bool]:
-    """The one module ``act``'s output reaches through linear per-unit ops: ``(name, flattened, ok)``."""
-    prev, flattened = act, False
-    while True:
-        users = list(prev.users)
-        if len(users) != 1:
-            return None, flattened, False
-        u = users[0]
-        what = _passes(u, prev, modules, 1 if flattened else cd, before=False)
-        if what is None:
-            break
-        if what == "flatten":
-            if flattened:
-                return None, flattened, False
-            flattened = True
-        prev = u
-    if u.op != "call_module" or len(calls.get(u.target, [])) != 1 or not u.args or u.args[0] is not prev:
-        return None, flattened, False
-    if any(a is prev for a in list(u.args[1:]) + list(u.kwargs.values())):
-        return None, flattened, False
-    return u.target, flattened, True
-
-
-def _plan_sequential(model: nn.Module, names: Sequence[str], why_untraced: str) -> Dict[str, Placement]:
-    """When tracing fails: a layer inside a plain ``nn.Sequential`` is followed by its next sibling."""
-    modules = dict(model.named_modules())
-    out = {n: _FAN_IN_1 for n in names if layout_of(modules[n]).fan_in == 1}
-    names = [n for n in names if n not in out]
+    # Note [Tracing around a layer]
+    # The whole model did not trace (data-dependent control flow, HF models, ...). Each layer is
+    # then read inside the closest enclosing module that traces; what follows that module's
+    # output is unknown (the weight form stays there), and a host or consumer must appear once in
+    # the module tree, since calls from outside the traced module cannot be seen.
+    why = f"torch.fx could not trace {type(model).__name__} ({whole.error})"
     counts: Dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         counts[id(m)] = counts.get(id(m), 0) + 1
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = modules.get(parent_name)
-        if not isinstance(parent, nn.Sequential) or type(parent).forward is not nn.Sequential.forward or counts[id(modules[name])] != 1:
-            out[name] = _weight(f"{why_untraced}, and the layer is not inside a plain nn.Sequential")
-            continue
-        keys = list(parent._modules.keys())
-        i = keys.index(child) + 1
-        cd = layout_of(modules[name]).channel_dim
-        while i < len(keys) and _seq_passes(parent._modules[keys[i]], cd, before=True):
-            i += 1
-        if i == len(keys):
-            out[name] = _weight(f"{why_untraced}, and nothing after the layer in its nn.Sequential is an activation")
-            continue
-        act_name = f"{parent_name}.{keys[i]}" if parent_name else keys[i]
-        act = parent._modules[keys[i]]
-        if isinstance(act, NOT_HOMOGENEOUS):
-            out[name] = _weight(f"followed by {act_name} ({type(act).__name__}), not positively homogeneous: computes f(r·(uᵀx+λ))")
-            continue
-        if not isinstance(act, HOMOGENEOUS):
-            out[name] = _linear(f"no activation follows (next: {act_name} ({type(act).__name__}))")
-            continue
-        if counts[id(act)] != 1:
-            out[name] = _weight(f"{why_untraced}, and the activation {act_name} is shared")
-            continue
-        j, flattened = i + 1, False
-        while j < len(keys) and _seq_passes(parent._modules[keys[j]], 1 if flattened else cd, before=False):
-            if isinstance(parent._modules[keys[j]], nn.Flatten):
-                if flattened:
-                    break
-                flattened = True
-            j += 1
-        consumer = None
-        if j < len(keys) and counts[id(parent._modules[keys[j]])] == 1:
-            consumer = f"{parent_name}.{keys[j]}" if parent_name else keys[j]
-        out[name] = Placement(
-            "paper", sign=True, where=f"sign(r) after {act_name} ({type(act).__name__})", host=act_name,
-            consumer=consumer, flattened=flattened,
-        )  # fmt: skip
+    scopes: Dict[str, _Scope] = {}
+    for name in rest:
+        parts, place = name.split("."), None
+        for k in range(len(parts) - 1, 0, -1):
+            anc = ".".join(parts[:k])
+            if anc not in scopes:
+                scopes[anc] = _Scope.trace(modules[anc], leaves, anc, counts)
+            if scopes[anc].error is None:
+                place = scopes[anc].place(".".join(parts[k:]), layout_of(modules[name]))
+                break
+        out[name] = place or _weight(f"{why}, and no module around the layer could be traced")
     return out
 
 
-def _seq_passes(m: nn.Module, cd: int, *, before: bool) -> bool:
-    if isinstance(m, _DROPOUT):
-        return True
-    if cd != 1:
-        return False
-    if isinstance(m, _AVG_POOL) or (before and isinstance(m, _MAX_POOL)):
-        return True
-    return not before and isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+class _Scope:
+    """One traced graph: the whole model (``prefix == ""``, ``counts is None``) or a module inside it."""
+
+    def __init__(self, root, graph, prefix: str, counts, error: Optional[str]):
+        self.root, self.prefix, self.counts, self.error = root, prefix, counts, error
+        self.modules = dict(root.named_modules())
+        self.calls: Dict[str, List] = {}
+        for node in graph.nodes if graph is not None else ():
+            if node.op == "call_module":
+                self.calls.setdefault(node.target, []).append(node)
+
+    @classmethod
+    def trace(cls, root: nn.Module, leaves, prefix: str, counts) -> "_Scope":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = _Tracer(leaves).trace(root)
+        except Exception as e:  # noqa: BLE001 -- any failure to trace means "read it another way"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return cls(root, None, prefix, counts, first[:120])
+        return cls(root, graph, prefix, counts, None)
+
+    def full(self, target: str) -> str:
+        return f"{self.prefix}.{target}" if self.prefix else target
+
+    def describe(self, node) -> str:
+        if node.op == "call_module":
+            return f"{self.full(node.target)} ({type(self.modules[node.target]).__name__})"
+        if node.op == "output" and self.prefix:
+            return f"the output of {self.prefix} ({type(self.root).__name__})"
+        return _describe_node(node, self.modules)
+
+    def once(self, target: str) -> bool:
+        """Called once here, and (inside a module) held once in the whole model's tree."""
+        if len(self.calls.get(target, [])) != 1:
+            return False
+        return self.counts is None or self.counts.get(id(self.modules[target]), 0) == 1
+
+    def place(self, name: str, layout: Layout) -> Placement:
+        nodes = self.calls.get(name, [])
+        if len(nodes) != 1:
+            if not nodes:
+                return _linear("not called in the traced forward")
+            return _weight(f"called {len(nodes)} times in forward: one sign per unit cannot follow each call")
+        return self._place(nodes[0], layout)
+
+    def _place(self, node, layout: Layout) -> Placement:
+        modules, cd = self.modules, layout.channel_dim
+        prev = node
+        while True:  # through ops that commute with a positive per-unit scale
+            users = list(prev.users)
+            if len(users) == 1 and _passes(users[0], prev, modules, cd, before=True) == "same":
+                prev = users[0]
+                continue
+            break
+        if not users:
+            return _linear("no activation follows (output unused)")
+        kinds = [_kind(u, modules) if not (u.op == "output" and self.prefix) else "unknown" for u in users]
+        if "not homogeneous" in kinds:
+            act = users[kinds.index("not homogeneous")]
+            return _weight(f"followed by {self.describe(act)}, not positively homogeneous: computes f(r·(uᵀx+λ))")
+        if "unknown" in kinds:
+            op = users[kinds.index("unknown")]
+            if op.op == "output":
+                return _weight(f"its output leaves {self.prefix} ({type(self.root).__name__}); what follows could not be traced")
+            return _weight(f"output feeds {self.describe(op)}, neither a known activation nor a linear op")
+        if "homogeneous" not in kinds:
+            if len(users) == 1 and users[0].op == "output":
+                return _linear("no activation follows (the model's output)")
+            return _linear(f"no activation follows (output feeds {', '.join(self.describe(u) for u in users[:3])})")
+        if len(users) > 1:
+            return _weight(f"output feeds an activation and {len(users) - 1} other op(s): no single place for sign(r)")
+        act = users[0]
+        if act.args[0] is not prev:
+            return _weight(f"the activation {self.describe(act)} does not take the layer's output as its input")
+        consumer, flattened = self._consumer(act, cd)
+        if act.op == "call_module" and self.once(act.target):
+            return Placement(
+                "paper", sign=True, where=f"sign(r) after {self.describe(act)}", host=self.full(act.target),
+                consumer=consumer, flattened=flattened,
+            )  # fmt: skip
+        if consumer is not None:
+            return Placement(
+                "paper", sign=True, host=consumer, pre=True, consumer=consumer, flattened=flattened,
+                where=f"sign(r) after {self.describe(act)}, applied at the input of {consumer}",
+            )  # fmt: skip
+        what = "is a function" if act.op != "call_module" else "module is called more than once"
+        return _weight(
+            f"the activation {self.describe(act)} {what}, and its output reaches no single layer through "
+            f"sign-commuting ops (dropout, average pooling, flatten)"
+        )
+
+    def _consumer(self, act, cd) -> Tuple[Optional[str], bool]:
+        """The one module ``act``'s output reaches through linear per-unit ops: ``(full name or None, flattened)``."""
+        prev, flattened = act, False
+        while True:
+            users = list(prev.users)
+            if len(users) != 1:
+                return None, flattened
+            u = users[0]
+            what = _passes(u, prev, self.modules, 1 if flattened else cd, before=False)
+            if what is None:
+                break
+            if what == "flatten":
+                if flattened:
+                    return None, flattened
+                flattened = True
+            prev = u
+        if u.op != "call_module" or not self.once(u.target) or not u.args or u.args[0] is not prev:
+            return None, flattened
+        if any(a is prev for a in list(u.args[1:]) + list(u.kwargs.values())):
+            return None, flattened
+        return self.full(u.target), flattened
 
 
 # -------------------------------------------------------------------------------------------------
@@ -473,9 +506,12 @@ def detach(hook: SignHook) -> None:
     hooks.pop(hook.handle_id, None)
 
 
-def _column_signs(consumer: nn.Module, s: Tensor, flattened: bool, producer_cd: int) -> Optional[Tensor]:
-    """``consumer``'s weight multiplied by the producer's unit signs on its input side, or None."""
-    w = consumer.weight.detach()
+def column_signs(consumer: nn.Module, w: Tensor, s: Tensor, flattened: bool, producer_cd: int) -> Optional[Tensor]:
+    """``consumer``'s weight ``w`` times the producer's unit signs ``s`` on its input side; None if no layer can.
+
+    ``flattened``: the producer's units reach ``consumer`` flattened with their spatial dims
+    (channel-major); ``producer_cd``: the unit dim of the producer's output (``Layout.channel_dim``).
+    """
     units = s.numel()
     if isinstance(consumer, nn.Linear):
         if flattened and consumer.in_features % units == 0:
@@ -513,7 +549,7 @@ def bake(hook: SignHook, s: Tensor) -> Optional[str]:
         return None
     consumer = hook.consumer
     if consumer is not None and is_supported(consumer):
-        new = _column_signs(consumer, s, hook.flattened, hook.channel_dim)
+        new = column_signs(consumer, consumer.weight.detach(), s, hook.flattened, hook.channel_dim)
         if new is not None:
             with torch.no_grad():
                 if "weight" in getattr(consumer, "parametrizations", {}):

@@ -111,7 +111,7 @@ def test_pretrained_workflow_end_to_end(tmp_path):
         model = TinyTransformer()
     names = georeparam.register(model, exclude=["head"])
     assert "blocks.1.attn.mha.out_proj" in names and "blocks.0.attn.qkv" in names and "head" not in names
-    assert len(names) == 7
+    assert len(names) == 8 and "blocks.1.attn.mha" in names  # in_proj_weight too (layouts: MultiheadAttention)
     model.load_state_dict(torch.load(tmp_path / "pretrained.pt"))  # strict: the hook converts w, b
     model.eval()
     sd = model.state_dict()
