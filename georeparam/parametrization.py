@@ -47,6 +47,11 @@ class _Geometric(nn.Module):
         #: the :class:`georeparam.signs.SignHook` carrying sign(r), in the paper's form
         self.sign_hook = None
 
+    @property
+    def bias_name(self):
+        """The name of the layer's GmP bias (``b = r·λ``), or ``None``."""
+        return self._bias_name
+
     # -- layout (georeparam.layouts) ------------------------------------------------------------
     shape = property(lambda self: self.layout.shape)
     units = property(lambda self: self.layout.units)
@@ -80,6 +85,8 @@ class _Geometric(nn.Module):
         # Under fp16/bf16 autocast the angles would otherwise be cast before cos/sin/cumprod; the
         # map runs in the parameters' dtype (float32 at least; coords' Note [Where float64 is
         # needed]) and the layer's own op casts the finished weight.
+        if angles.is_meta:  # Note [Meta tensors]: shapes only
+            return self.from_units(radius.new_empty((self.units, self.fan_in)))
         with torch.autocast(device_type=angles.device.type, enabled=False):
             return self.from_units(_scaled_unit(self.effective_radius(radius), angles, self.mode))
 
@@ -99,7 +106,7 @@ class _Geometric(nn.Module):
             raise ValueError(f"{what} must have shape {tuple(self.shape)}. Got: {tuple(weight.shape)}")
         _check_weight_values(weight, what)
         with torch.no_grad():
-            radius, angles = to_hyperspherical(self.to_units(weight))
+            radius, angles = unit_coordinates(self.to_units(weight))
             _check_radius(radius, what)
             if layer is not None:
                 old_radius = layer.parametrizations[self._weight_name].original0
@@ -181,6 +188,13 @@ class _GeometricBias(nn.Module):
         return f"radius_from={self.weight_name!r}"
 
 
+def unit_coordinates(units: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(radius, latitude angles)`` of a ``(units, fan_in)`` matrix; shapes only for a meta tensor."""
+    if units.is_meta:  # Note [Meta tensors] (in offset_from)
+        return units.new_empty(units.shape[:1]), units.new_empty((units.shape[0], units.shape[1] - 1))
+    return to_hyperspherical(units)
+
+
 def _check_assigned(value, like: Tensor, what: str) -> None:
     """An assigned weight/bias must be a tensor of the stored coordinates' dtype and device."""
     if not isinstance(value, Tensor):
@@ -197,6 +211,8 @@ def _check_weight_values(t: Tensor, what: str) -> None:
         raise TypeError(f"{what} must be a real floating-point tensor. Got: dtype={t.dtype}")
     if t.numel() == 0:
         raise ValueError(f"{what} must not be empty. Got: shape {tuple(t.shape)}")
+    if t.is_meta:  # Note [Meta tensors]: no values to check
+        return
     if not bool(torch.isfinite(t).all()):
         bad = (~torch.isfinite(t)).sum().item()
         raise ValueError(f"{what} must be finite. Got: {bad} NaN/Inf entries")
@@ -208,6 +224,8 @@ def _check_radius(radius: Tensor, what: str) -> None:
     Without this a float32 row of entries near 1e38 became ``r = inf`` and ``w = inf·u``: a
     finite layer silently turned into Inf/NaN outputs.
     """
+    if radius.is_meta:  # Note [Meta tensors]
+        return
     bad = ~torch.isfinite(radius)
     if bool(bad.any()):
         idx = bad.nonzero().flatten()[:5].tolist()
@@ -224,6 +242,13 @@ def offset_from(bias: Tensor, radius: Tensor, what: str) -> Tensor:
     Raises ``ValueError`` where a unit has ``r = 0`` and ``b ≠ 0`` (a constant unit, which
     ``b = r·λ`` cannot represent) or where ``λ`` would overflow.
     """
+    if bias.is_meta or radius.is_meta:
+        # Note [Meta tensors]
+        # A model built under ``torch.device("meta")`` has shapes and no values: registration
+        # makes coordinates of the right shapes and checks nothing; ``to_empty`` then
+        # allocates them and a plain checkpoint's load_state_dict converts its values (checked
+        # there).
+        return torch.empty_like(bias)
     b = bias.to(torch.float64)
     r = radius.to(torch.float64)
     zero = r == 0
