@@ -18,6 +18,8 @@ from .coords import canonicalize, to_cartesian, to_hyperspherical
 from .imn import input_mean_norm
 from .init import init_geometric_
 from .optim import GeometricOptimizer, param_groups
+from .averaging import WeightAverage
+from .plain import plain_state_dict
 from .report import LayerReport, Report
 
 __version__ = "0.1.0"
@@ -36,6 +38,8 @@ __all__ = [
     "param_groups",
     "GeometricOptimizer",
     "input_mean_norm",
+    "plain_state_dict",
+    "WeightAverage",
     "Report",
     "LayerReport",
 ]
