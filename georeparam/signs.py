@@ -460,7 +460,10 @@ class SignHook:
         return self.weight_name not in plists or plists[self.weight_name] is not self._weight_list
 
     def _apply(self, x: Tensor) -> Tensor:
-        s = self.sign().to(x.dtype)
+        s = self.sign()
+        if _skippable(s, x):
+            return x
+        s = s.to(x.dtype)
         dim = self.channel_dim if self.channel_dim >= 0 else x.dim() + self.channel_dim
         size = x.shape[dim]
         if size != self.units:  # flattened: each unit's block of size // units entries
@@ -476,6 +479,31 @@ class SignHook:
 
     def __repr__(self) -> str:
         return f"SignHook(units={self.units}, channel_dim={self.channel_dim}, pre={self.pre}, constant={self.layer is None})"
+
+
+def _skippable(s: Tensor, x: Tensor) -> bool:
+    """All signs +1, known without a device sync or a traced branch: the multiply can be skipped.
+
+    # Note [Skipping an all-positive sign]
+    Multiplying every activation by ``s`` costs one elementwise pass forward and one backward,
+    as the official code's ``r * relu(z)`` does. Measured on a training step of a 3-conv VGG-style
+    CNN (32-64-128, 32×32, batch 64, 1 thread, thread CPU time, over standard parameterization):
+    weight form 1.04, paper form with one r < 0 per layer 1.27, paper form with all r ≥ 0 and
+    this skip 1.09. While no unit of the layer has ``r < 0`` the pass is the identity, gradient
+    included, so on CPU in eager mode it is skipped after one check of the ``(units,)`` signs. On an accelerator the
+    check would synchronize the device, and under ``torch.compile``/``vmap`` it would be a
+    data-dependent branch: there the multiply always runs.
+    """
+    if x.device.type != "cpu" or s.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if type(s) is not Tensor or _wrapped(s) or _wrapped(x):
+        return False
+    return bool((s > 0).all())
+
+
+def _wrapped(t: Tensor) -> bool:
+    fn = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return fn is None or bool(fn(t))
 
 
 def attach(model_modules: Dict[str, nn.Module], layer: nn.Module, weight_name: str, placement: Placement) -> SignHook:
