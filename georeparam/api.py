@@ -17,6 +17,8 @@ from torch.nn.utils import parametrize
 
 from . import imn as _imn
 from . import signs as _signs
+from .checkpoint import load_plain_entry
+from .stale import retire, unretire
 from .coords import _check_mode, to_hyperspherical
 from .layouts import SUPPORTED, entry_of, is_supported, layout_of, supported_names, weight_names
 from .parametrization import _Geometric, _GeometricBias, _check_radius, _check_weight_values, offset_from, unit_coordinates
@@ -241,13 +243,16 @@ def _refuse_pickle(self):
 def _register_validated(module: nn.Module, name: str, bias: Optional[str], mode: str, sign_after: bool = False) -> None:
     original_weight = module._parameters[name]
     has_bias = bias is not None and module._parameters.get(bias, None) is not None
+    original_bias = module._parameters[bias] if has_bias else None
     param = _layout(module, original_weight, mode, sign_after)
+    param._memory_format = _memory_format(original_weight)  # restored by remove
     parametrize.register_parametrization(module, name, param)
     try:
         # attached after the weight's registration: from now on right_inverse is an assignment
         object.__setattr__(param, "_layer", module)
         param._weight_name = name
-        if has_bias:
+        if has_bias:  # λ gets a new Parameter: Note [Optimizers that hold replaced Parameters]
+            module._parameters[bias] = nn.Parameter(original_bias.detach().clone(), original_bias.requires_grad)
             parametrize.register_parametrization(module, bias, _GeometricBias(module, name))
             param._bias_name = bias
         param._hook_handle_id = module._register_load_state_dict_pre_hook(_load_plain_state, with_module=True).id
@@ -255,10 +260,22 @@ def _register_validated(module: nn.Module, name: str, bias: Optional[str], mode:
     except BaseException:
         if parametrize.is_parametrized(module, bias) if has_bias else False:
             parametrize.remove_parametrizations(module, bias, leave_parametrized=True)
+        if has_bias:
+            module._parameters[bias] = original_bias
         _own_class(module)
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         module._parameters[name] = original_weight
         raise
+    retire((p, f"{_describe(module)}.{n} (replaced by register)") for p, n in ((original_weight, name), (original_bias, bias)))
+
+
+def _memory_format(weight: Tensor) -> torch.memory_format:
+    """The memory format of a conv weight (channels_last kept through register → remove)."""
+    if weight.dim() in (4, 5) and not weight.is_contiguous():
+        fmt = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
+        if weight.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
 
 
 # -------------------------------------------------------------------------------------------------
@@ -411,6 +428,7 @@ def register(
         for m, original in reversed(done):
             if is_geometric(m):
                 _remove_one(m)
+            unretire(original.values())
             for n, p in original.items():
                 if p is not None:
                     m._parameters[n] = p
@@ -463,7 +481,7 @@ def _remove_one(module: nn.Module) -> List[Tuple["_signs.SignHook", Tensor]]:
         bname = param._bias_name
         with torch.no_grad():
             g = geometry(module, wname)
-            weight = getattr(module, wname).detach().clone()
+            weight = getattr(module, wname).detach().clone(memory_format=getattr(param, "_memory_format", torch.preserve_format))
             bias = getattr(module, bname).detach().clone() if bname is not None else None
         _own_class(module)
         if bname is not None:
@@ -471,6 +489,7 @@ def _remove_one(module: nn.Module) -> List[Tuple["_signs.SignHook", Tensor]]:
             module._parameters[bname] = nn.Parameter(bias, requires_grad=g.offset.requires_grad or g.radius.requires_grad)
         parametrize.remove_parametrizations(module, wname, leave_parametrized=True)
         module._parameters[wname] = nn.Parameter(weight, requires_grad=g.radius.requires_grad or g.angles.requires_grad)
+        retire((p, f"{_describe(module)}.{wname} {k} (replaced by remove)") for k, p in g._asdict().items())
         hid = getattr(param, "_hook_handle_id", None)
         if hid is not None:
             module._load_state_dict_pre_hooks.pop(hid, None)
@@ -564,43 +583,6 @@ def _refuse_sharded(targets: Sequence[nn.Module]) -> None:
 
 
 def _load_plain_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    """load_state_dict pre-hook: converts a plain ``weight``/``bias`` into GmP coordinates."""
+    """load_state_dict pre-hook: converts a plain ``weight``/``bias`` into GmP coordinates (:mod:`georeparam.checkpoint`)."""
     for wname, param in _geometric_entries(module):
-        wkey = prefix + wname
-        rkey = f"{prefix}parametrizations.{wname}.original0"
-        akey = f"{prefix}parametrizations.{wname}.original1"
-        if wkey not in state_dict or rkey in state_dict:
-            continue
-        weight = state_dict[wkey]
-        if tuple(weight.shape) != tuple(param.shape):
-            error_msgs.append(
-                f"size mismatch for {wkey}: copying a param with shape {tuple(weight.shape)} from checkpoint, "
-                f"the shape in current model is {tuple(param.shape)}."
-            )
-            continue
-        try:
-            _check_weight_values(weight, wkey)
-            radius, angles = to_hyperspherical(param.to_units(weight))
-            _check_radius(radius, wkey)  # rows whose norm overflows the dtype
-            bname = param._bias_name
-            converted = {rkey: radius, akey: angles}
-            if bname is not None:
-                bkey = prefix + bname
-                okey = f"{prefix}parametrizations.{bname}.original"
-                if bkey in state_dict:
-                    bias = state_dict[bkey]
-                    _check_weight_values(bias, bkey)
-                    if tuple(bias.shape) != (param.units,):
-                        raise ValueError(f"{bkey} must have shape ({param.units},). Got: {tuple(bias.shape)}")
-                elif okey not in state_dict:
-                    bias = getattr(module, bname).detach()  # keep the current bias value
-                else:
-                    bias = None
-                if bias is not None:
-                    converted[okey] = offset_from(bias, radius, bkey)
-                    state_dict.pop(bkey, None)
-        except (TypeError, ValueError) as e:
-            error_msgs.append(str(e))
-            continue
-        del state_dict[wkey]
-        state_dict.update(converted)
+        load_plain_entry(module, wname, param, state_dict, prefix, missing_keys, error_msgs)
