@@ -119,6 +119,18 @@ class _Geometric(nn.Module):
                     radius = radius * unit_sign(old_radius)
         return radius, angles
 
+    def _apply(self, fn, recurse=True):
+        # Note [Casting a registered layer]
+        # ``model.half()`` casts radius and offset separately: a row whose entries fit float16 can
+        # have a norm that does not (r = inf, w = inf·u, where the plain float16 layer is finite),
+        # and a tiny row's r can round to 0, taking b = r·λ with it. This runs before the
+        # ParametrizationList casts its Parameters (children first), so a refused cast leaves this
+        # layer as it was (layers cast before it in the same call stay cast, as in PyTorch).
+        layer = getattr(self, "_layer", None)
+        if layer is not None and self._weight_name is not None:
+            _check_cast(layer, self._weight_name, self._bias_name, fn)
+        return super()._apply(fn, recurse)
+
     def extra_repr(self) -> str:
         s = f"units={self.units}, fan_in={self.fan_in}, mode={self.mode!r}"
         if self.sign_after:
@@ -233,6 +245,40 @@ def _check_radius(radius: Tensor, what: str) -> None:
             f"{what}: the norm of the weight rows of units {idx} overflows {radius.dtype} (largest "
             f"{torch.finfo(radius.dtype).max:.3g}), so GmP's radius r = ‖w‖ cannot hold it. Scale the "
             f"layer down or use a wider dtype. Got: {int(bad.sum())} such units"
+        )
+
+
+def _check_cast(layer: nn.Module, weight_name: str, bias_name, fn) -> None:
+    """Refuse a dtype cast (``fn`` of ``Module._apply``) under which the radius overflows, or
+    rounds to 0 under a non-zero offset, or the offset overflows. Device moves are not checked."""
+    plists = getattr(layer, "parametrizations", {})
+    if weight_name not in plists:  # Note [torch's remover on a GmP weight]
+        return
+    radius = plists[weight_name].original0.detach()
+    if radius.is_meta or not radius.is_floating_point():
+        return
+    new_r = fn(radius)
+    if not isinstance(new_r, Tensor) or new_r.dtype == radius.dtype or not new_r.is_floating_point():
+        return
+    what = f"{parametrize.type_before_parametrizations(layer).__name__}.{weight_name}"
+    r, nr = radius.to(torch.float64).cpu(), new_r.to(torch.float64).cpu()
+    bad = torch.isfinite(r) & ~torch.isfinite(nr)
+    kind = f"its radius r = ‖w‖ overflows {new_r.dtype} (largest {torch.finfo(new_r.dtype).max:.3g})"
+    if bias_name is not None and not bool(bad.any()):
+        offset = layer.parametrizations[bias_name].original.detach()
+        o, no = offset.to(torch.float64).cpu(), fn(offset).to(torch.float64).cpu()
+        bad = (r != 0) & (nr == 0) & (o != 0)
+        kind = f"its radius rounds to 0 in {new_r.dtype}, which would zero the bias b = r·λ"
+        if not bool(bad.any()):
+            bad = torch.isfinite(o) & ~torch.isfinite(no)
+            kind = f"its offset λ = b/r overflows {new_r.dtype}"
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"{what}: cannot cast this GmP layer from {radius.dtype} to {new_r.dtype}: for units {idx} {kind}, "
+            f"although the plain layer's entries may fit. Nothing was cast for this layer. Keep it in "
+            f"{radius.dtype} and use torch.autocast for {new_r.dtype} compute (GmP computes the weight in the "
+            f"parameters' dtype under autocast), or call georeparam.remove first. Got: radius {r[idx].tolist()}"
         )
 
 
