@@ -189,6 +189,20 @@ class _Layer:
         self.keep_sign = keep_sign
 
 
+def _differs(new: Tensor, old: Tensor) -> Tensor:
+    """Elementwise ``new != old`` with NaN equal to NaN: a NaN unit stays NaN and is no change
+    (counting it made ``units_canonicalized`` grow by every NaN unit on every step)."""
+    return (new != old) & ~(torch.isnan(new) & torch.isnan(old))
+
+
+def _trainable(layer: _Layer) -> bool:
+    # Note [Frozen layers]
+    # A layer with any coordinate frozen (requires_grad=False) is left alone: canonicalizing keeps
+    # w, but it rewrites angles (and may flip r and λ) the user asked to keep fixed. Checked at
+    # every canonicalization, since freezing can happen at any time.
+    return all(p.requires_grad for p in (layer.radius, layer.angles, layer.offset) if p is not None)
+
+
 class GeometricOptimizer(torch.optim.Optimizer):
     r"""Wrap an optimizer so that GmP coordinates stay canonical without changing the trajectory.
 
@@ -218,7 +232,8 @@ class GeometricOptimizer(torch.optim.Optimizer):
             (e.g. from :func:`param_groups`).
         model: the model (possibly wrapped in DDP / ``torch.compile``); its GmP layers whose
             Parameters are all in ``optimizer`` are canonicalized, layers wholly outside it are
-            left alone.
+            left alone until :meth:`add_param_group` brings all their Parameters in. Layers with
+            a frozen coordinate (``requires_grad=False``) are not canonicalized.
         every: canonicalize after every ``every`` steps (``every=1``: after each).
         parity: for an optimizer not in :data:`PARITY` (or a subclass), a dict
             ``{state key: "odd" | "even" | "scalar" | "affine"}``.
@@ -270,8 +285,13 @@ class GeometricOptimizer(torch.optim.Optimizer):
                 f"{len(layers)} GmP layers, {len(in_opt)} optimizer parameters"
             )
         self._layers: List[_Layer] = []
+        # layers wholly outside the optimizer, tracked once add_param_group brings all of them in
+        self._outside: List[_Layer] = []
         for qname, g, inside, keep_sign in status:
-            if all(inside.values()):
+            if not any(inside.values()):
+                if g.angles.shape[-1] > 0:
+                    self._outside.append(_Layer(qname, g.radius, g.angles, g.offset, keep_sign))
+            elif all(inside.values()):
                 if g.angles.shape[-1] > 0:  # fan-in 1: no angles, the radius carries the sign
                     self._layers.append(_Layer(qname, g.radius, g.angles, g.offset, keep_sign))
             elif any(inside.values()):
@@ -287,6 +307,7 @@ class GeometricOptimizer(torch.optim.Optimizer):
         self._steps = 0
         #: units mapped back to canonical coordinates so far (a measure of how much angles drift)
         self.units_canonicalized = 0
+        self._added = False
         self._share()
         self._warn_angle_decay()
 
@@ -345,6 +366,7 @@ class GeometricOptimizer(torch.optim.Optimizer):
     # -- the optimizer interface ---------------------------------------------------------------
     def step(self, closure=None):  # type: ignore[override]
         """One step of the wrapped optimizer; then, every ``every`` steps, :meth:`canonicalize_`."""
+        self._track_added()  # before stepping: a refusal changes nothing
         loss = self.optimizer.step(closure)
         self._steps += 1
         if self._steps % self.every == 0:
@@ -355,9 +377,44 @@ class GeometricOptimizer(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer. GmP layers of the model whose radius, angles and
+        offset are then all in the optimizer are canonicalized from the next :meth:`step` on
+        (Note [Groups added later]); a layer left with only some of them is refused there."""
         if not hasattr(self, "optimizer"):  # called by Optimizer.__init__ while building the wrapper
             return super().add_param_group(param_group)
         self.optimizer.add_param_group(param_group)
+        self._added = True
+
+    def _track_added(self) -> None:
+        # Note [Groups added later]
+        # A layer whose coordinates arrive through add_param_group after wrapping used to be
+        # stepped and never canonicalized (after 300 SGD steps at lr 1 its latitudes reached 16–25
+        # and its radii −3.5…−4.7). The model's GmP layers are remembered at wrapping, and those
+        # wholly outside the optimizer then are looked at again before the next step: all their
+        # coordinates in → tracked; only some → refused before stepping (several add_param_group
+        # calls in a row, one per kind, are fine: nothing is decided until a step).
+        if not getattr(self, "_added", False):  # (a wrapper pickled before this existed)
+            return
+        in_opt = {id(p) for group in self.param_groups for p in group["params"]}
+        partial = []
+        for layer in self._outside:
+            coords = {"radius": layer.radius, "angles": layer.angles, "offset": layer.offset}
+            inside = {k: id(p) in in_opt for k, p in coords.items() if p is not None}
+            if any(inside.values()) and not all(inside.values()):
+                partial.append((layer.name, inside))
+        if partial:
+            raise ValueError(
+                f"GeometricOptimizer: after add_param_group, layer {partial[0][0]!r} has only some of its GmP "
+                f"Parameters in the optimizer; canonicalizing it would change coordinates whose state the "
+                f"optimizer does not hold. Add the rest (georeparam.geometry(layer) lists radius, angles, "
+                f"offset) before stepping. Got: {partial[0][1]}"
+            )
+        now_in = [layer for layer in self._outside if id(layer.radius) in in_opt]
+        self._layers.extend(now_in)
+        self._outside = [layer for layer in self._outside if id(layer.radius) not in in_opt]
+        self._added = False
+        if now_in:
+            self._warn_angle_decay()
 
     def state_dict(self) -> Dict[str, Any]:
         """The wrapped optimizer's state_dict plus ``"geometric": {"steps", "every"}``."""
@@ -366,8 +423,28 @@ class GeometricOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load the wrapped optimizer's state and the wrapper's step counter.
+
+        Refuses (before loading anything) a state saved by a wrapper with another ``every``: its
+        step counter counts toward a different canonicalization schedule, and ignoring that
+        silently broke resuming bit for bit.
+        """
         state_dict = dict(state_dict)
         extra = state_dict.pop("geometric", None)
+        if extra is not None:
+            saved = extra.get("every") if isinstance(extra, dict) else None
+            if not isinstance(extra, dict) or not isinstance(extra.get("steps"), int):
+                raise ValueError(
+                    f"GeometricOptimizer.load_state_dict: state_dict['geometric'] must be a dict with an int 'steps'. "
+                    f"Got: {extra!r}"
+                )
+            if saved is not None and saved != self.every:
+                raise ValueError(
+                    f"GeometricOptimizer.load_state_dict: the state was saved by a wrapper with every={saved}, this "
+                    f"one has every={self.every}. Build GeometricOptimizer(..., every={saved}) to resume exactly, or "
+                    f"set state_dict['geometric']['every'] = {self.every} to switch schedules on purpose. "
+                    f"Got: every={saved}"
+                )
         self.optimizer.load_state_dict(state_dict)
         self._share()
         if extra is not None:
@@ -409,15 +486,18 @@ class GeometricOptimizer(torch.optim.Optimizer):
         Units already canonical come back bit for bit (``canonical_parts`` leaves them alone), and
         their state is untouched (their signs are +1).
         """
+        self._track_added()
         changed = 0
         for layer in self._layers:
             r, a = layer.radius, layer.angles
+            if not _trainable(layer):  # Note [Frozen layers]
+                continue
             if layer.keep_sign:  # angles only, keeping u: canonical_parts leaves u alone for r ≥ 0
                 _, new_a, _, a_sign = canonical_parts(r.abs(), a)
                 new_r, r_sign = r, torch.ones_like(r)
             else:
                 new_r, new_a, r_sign, a_sign = canonical_parts(r, a)
-            rows = (new_r != r) | (new_a != a).any(-1)
+            rows = _differs(new_r, r) | _differs(new_a, a).any(-1)
             n = int(rows.sum())
             if n == 0:
                 continue
