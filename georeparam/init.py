@@ -109,7 +109,9 @@ def init_geometric_(
       carried by the radius.
 
     Only GmP-registered layers are touched: plain layers and a bias left Cartesian
-    (``geometric(..., bias=None)``) keep their values. The Parameters are written in place (see
+    (``geometric(..., bias=None)``) keep their values. Frozen layers (no coordinate requires
+    grad, e.g. a pretrained backbone) are skipped and keep their values too; a layer with only
+    some coordinates frozen is refused (Note [Frozen layers]). The Parameters are written in place (see
     Note [Writing in place]), so optimizers built before stay valid. ``torch.nn.init.*`` on a
     registered weight silently does nothing; this is the way to re-initialise one.
 
@@ -124,7 +126,8 @@ def init_geometric_(
         ``model_or_module``.
 
     Raises:
-        ValueError: no GmP-registered layer, an unknown scheme, or a bad ``radius``.
+        ValueError: no GmP-registered layer, only frozen ones, a partly frozen layer, an unknown
+            scheme, or a bad ``radius``. Nothing is written then.
 
     Example:
         >>> import georeparam
@@ -157,7 +160,28 @@ def init_geometric_(
             f"init_geometric_: {_describe(model_or_module)} has no GmP-registered layer; call "
             f"georeparam.register (or geometric) first. Got: {type(model_or_module).__name__}"
         )
-    for _, module, wname, param in targets:
+    # Note [Frozen layers]
+    # requires_grad=False says "keep these values": re-initialising a frozen layer silently threw
+    # away what it held. A partly frozen layer has no right answer (r, θ and λ are drawn together),
+    # so it is refused; all checks come before the first write.
+    chosen = []
+    for qname, module, wname, param in targets:
+        g = geometry(module, wname)
+        grads = {k: p.requires_grad for k, p in g._asdict().items() if p is not None}
+        if all(grads.values()):
+            chosen.append((module, wname, param))
+        elif any(grads.values()):
+            raise ValueError(
+                f"init_geometric_: layer {qname or '<root>'!r} has some GmP coordinates frozen and others not; "
+                f"re-initialising draws all of them. Freeze or unfreeze the whole layer first. Got: requires_grad {grads}"
+            )
+    if not chosen:
+        raise ValueError(
+            f"init_geometric_: every GmP layer of {_describe(model_or_module)} is frozen (requires_grad=False), "
+            f"and frozen layers keep their values. Unfreeze the layers to re-initialise (requires_grad_(True)). "
+            f"Got: {len(targets)} frozen layers"
+        )
+    for module, wname, param in chosen:
         g = geometry(module, wname)
         dtype = g.radius.dtype
         device = generator.device if generator is not None else g.radius.device
