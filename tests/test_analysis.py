@@ -1,7 +1,6 @@
-"""georeparam.analysis: characteristic points, AngularDrift, the Figure-1 experiment, plots."""
+"""georeparam.analysis: characteristic points (both GmP forms, IMN, BN), AngularDrift, PointsRecorder."""
 
 import math
-import sys
 
 import pytest
 import torch
@@ -10,15 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from georeparam import geometric, geometry, register
-from georeparam.analysis import (
-    AngularDrift,
-    PointsRecorder,
-    angle_between,
-    characteristic_points,
-    plot_boundaries_2d,
-    plot_points_1d,
-    stability_experiment,
-)
+from georeparam.analysis import AngularDrift, PointsRecorder, angle_between, characteristic_points
 
 F64 = torch.float64
 
@@ -141,6 +132,153 @@ def test_gmp_points_are_minus_lambda_u_and_negative_radius_flips_direction():
     assert torch.isfinite(p[2]).all()
 
 
+FORMS = ("weight", "paper")
+
+
+def register_form(model, form, **kwargs):
+    return register(model, form=form, **kwargs)
+
+
+def preactivation_at(layer, points):
+    """Unit i's pre-activation at points[i], computed by running the layer itself in eval mode."""
+    layer.eval()
+    units = points.shape[0]
+    with torch.no_grad():
+        if isinstance(layer, nn.Linear):
+            return torch.diagonal(layer(points))
+        g, cin = layer.groups, layer.in_channels
+        in_g, k = cin // g, layer.kernel_size
+        per_group = layer.out_channels // g
+        x = torch.zeros(units, cin, *k, dtype=points.dtype)
+        for i in range(units):
+            patch = points[i].reshape(in_g, *k)
+            if layer.transposed:  # stride 1, no padding: output K−1 reads input K−1−tap
+                patch = patch.flip(list(range(1, patch.dim())))
+            x[i, (i // per_group) * in_g : (i // per_group + 1) * in_g] = patch
+        out = layer(x)
+        if layer.transposed:
+            out = out[(slice(None), slice(None)) + tuple(kk - 1 for kk in k)]
+        return out.reshape(units, units).diagonal()
+
+
+def imn_layer(kind, dtype):
+    if kind == "linear":
+        return nn.Linear(4, 5)
+    if kind == "conv2d":
+        return nn.Conv2d(4, 6, (2, 3), groups=2)
+    return nn.ConvTranspose1d(4, 6, 3, groups=2)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    st.sampled_from(["linear", "conv2d", "convT1d"]),
+    st.sampled_from(["plain", "imn only"] + [f"GmP {f}" for f in FORMS]),
+    st.sampled_from([torch.float32, F64]),
+    st.integers(0, 2**16),
+)
+def test_points_are_on_the_boundary_the_layer_computes_with_input_mean_norm(kind, how, dtype, seed):
+    # issue 9 item 6: IMN shifts the layer's input by its running mean μ; the point must follow
+    from georeparam import input_mean_norm
+
+    torch.manual_seed(seed)
+    layer = imn_layer(kind, dtype).to(dtype)
+    model = nn.Sequential(layer, nn.ReLU())
+    if how == "imn only":
+        input_mean_norm(layer)
+    elif how.startswith("GmP"):
+        register_form(model, how.split()[1], imn=True)
+    shape = (64, 4) if kind == "linear" else ((8, 4, 5, 6) if kind == "conv2d" else (8, 4, 7))
+    shift = (torch.rand(4, dtype=dtype) * 4 + 1) * torch.sign(torch.randn(4, dtype=dtype))
+    batch = torch.randn(*shape, dtype=dtype) + shift.view(4, *([1] * (len(shape) - 2)))
+    model.train()(batch)  # one training batch updates the running mean
+    if how != "plain":
+        assert layer.imn.running_mean.abs().min() > 0.05  # μ is far from 0: ignoring it would show
+    points, directions = characteristic_points(layer)
+    assert points.dtype == dtype
+    z = preactivation_at(layer, points)
+    scale = 1 + layer.weight.detach().abs().max() * points.abs().max()
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert z.abs().max() <= tol * scale, (kind, how, z)
+    # the direction is the gradient of the pre-activation, normalized (the active side)
+    x0 = points.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(preactivation_with_grad(layer, x0).sum(), x0)
+    torch.testing.assert_close(directions, grad / grad.norm(dim=1, keepdim=True), rtol=0, atol=10 * tol)
+
+
+def preactivation_with_grad(layer, points):
+    if isinstance(layer, nn.Linear):
+        return torch.diagonal(layer(points))
+    # conv: the pre-activation is affine in the patch with gradient = the unit's weight row
+    from georeparam.layouts import layout_of  # the library's layout, checked by unit_rows below
+
+    rows = unit_rows(layer).to(points.dtype)
+    torch.testing.assert_close(rows, layout_of(layer).to_units(layer.weight.detach()))
+    return (rows * points).sum(1)
+
+
+def test_imn_shift_reproduces_the_reported_bug_size():
+    # the measurement in issue 9: after register(imn=True) and one batch, the uncorrected point
+    # (−b·w/‖w‖², the layer's own w and b) is off the boundary; the corrected one is on it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1))
+    register(model, exclude=["2"], imn=True)
+    model.train()(torch.randn(256, 2) + torch.tensor([1.5, -2.0]))
+    layer = model[0].eval()
+    w, b = layer.weight.detach(), layer.bias.detach()
+    naive = -(b / w.norm(dim=1) ** 2)[:, None] * w
+    with torch.no_grad():
+        assert layer(naive).diagonal().abs().max() > 0.01
+    points, _ = characteristic_points(layer)
+    with torch.no_grad():
+        assert layer(points).diagonal().abs().max() < 1e-6
+
+
+def test_paper_form_direction_is_u_whatever_the_sign_of_r():
+    from georeparam import to_cartesian
+
+    torch.manual_seed(5)
+    models = {}
+    for form in ("paper", "weight"):
+        torch.manual_seed(5)
+        m = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 1)).double()
+        register_form(m, form, exclude=["2"])
+        with torch.no_grad():
+            geometry(m[0]).radius[[1, 4]] *= -1  # r < 0: in the paper's form only the output's sign
+        models[form] = m
+    u = {f: to_cartesian(geometry(m[0]).angles.detach()) for f, m in models.items()}
+    torch.testing.assert_close(u["paper"], u["weight"])
+    lam = geometry(models["paper"][0]).offset.detach()
+    sign = torch.ones(6, dtype=F64)
+    sign[[1, 4]] = -1
+    for form, m in models.items():
+        p, d = characteristic_points(m[0])
+        torch.testing.assert_close(d, (sign[:, None] if form == "weight" else 1) * u[form])
+        torch.testing.assert_close(p, -lam[:, None] * u[form])
+        ref_p, ref_d = reference(m[0])  # least squares on the layer's effective weight and bias
+        torch.testing.assert_close(d, ref_d)
+        torch.testing.assert_close(p, ref_p)
+    # the paper-form unit is active exactly where uᵀx + λ > 0, whatever r's sign (a point a bit
+    # along ±u from the characteristic point): the hidden ReLU fires on the +u side only
+    p, d = characteristic_points(models["paper"][0])
+    for side, active in ((1e-3, True), (-1e-3, False)):
+        x = p + side * d
+        h = models["paper"][1](models["paper"][0](x)).diagonal()
+        assert bool(((h != 0) == active).all())
+
+
+def test_drift_sees_no_turn_when_r_changes_sign_in_the_paper_form():
+    for form, expect in (("paper", 0.0), ("weight", math.pi)):
+        torch.manual_seed(6)
+        m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).double()
+        register_form(m, form, exclude=["2"])
+        drift = AngularDrift(m, layers=["0"], history=True)
+        with torch.no_grad():
+            geometry(m[0]).radius[2] *= -1
+        angles = drift.step()
+        torch.testing.assert_close(angles, torch.tensor([0, 0, expect, 0], dtype=F64), rtol=0, atol=1e-7)
+        assert drift.summary()["flip_fraction"] == (0.0 if form == "paper" else 0.25)
+
+
 def test_float32_layers_return_float32_and_weight_norm_is_read_through_weight():
     torch.manual_seed(1)
     wn = nn.utils.parametrizations.weight_norm(nn.Linear(5, 3))
@@ -182,6 +320,30 @@ def test_bad_input_is_refused():
         characteristic_points(nn.Linear(2, 2), norm=nn.LayerNorm(2))
     with pytest.raises(ValueError, match="one feature per unit"):
         characteristic_points(nn.Linear(2, 2), norm=nn.BatchNorm1d(3))
+
+
+def test_attention_in_projection_is_refused_and_hf_conv1d_is_read_by_columns():
+    mha = nn.MultiheadAttention(4, 2)
+    with pytest.raises(TypeError, match="feed an activation. Got: MultiheadAttention"):
+        characteristic_points(mha)
+    drift = AngularDrift(nn.TransformerEncoderLayer(4, 2, dim_feedforward=8))
+    assert [t.name for t in drift._tracks] == ["self_attn.out_proj", "linear1", "linear2"]
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(7)
+    conv1d = transformers.pytorch_utils.Conv1D(5, 3).double()  # weight (in=3, out=5): units are columns
+    with torch.no_grad():
+        conv1d.weight.normal_()
+        conv1d.bias.normal_()
+    plain = nn.Linear(3, 5).double()
+    with torch.no_grad():
+        plain.weight.copy_(conv1d.weight.T)
+        plain.bias.copy_(conv1d.bias)
+    p, d = characteristic_points(conv1d)
+    ref_p, ref_d = reference(plain)
+    torch.testing.assert_close(p, ref_p)
+    torch.testing.assert_close(d, ref_d)
+    with torch.no_grad():
+        torch.testing.assert_close(conv1d(p).diagonal(), torch.zeros(5, dtype=F64), atol=1e-12, rtol=0)
 
 
 def test_angle_between_is_accurate_at_both_ends():
@@ -312,102 +474,6 @@ def test_drift_counts_zero_rows_as_undefined_and_validates():
         AngularDrift(layer).attach(object())
     with pytest.raises(RuntimeError, match="history=True"):
         drift.history()
-
-
-# -------------------------------------------------------------------------------------------------
-# Figure 1
-# -------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("perturbation", ["ones", "random"])
-def test_gmp_direction_change_is_exactly_the_angle_step(perturbation):
-    res = stability_experiment(trials=500, seed=1, perturbation=perturbation)
-    gmp = res.direction[res.methods.index("GmP")]
-    # ‖δθ‖ bounds the turn; in 2-D it is the turn itself (all steps here are < π)
-    assert bool((gmp <= res.angle_step + 1e-12).all())
-    torch.testing.assert_close(gmp, res.angle_step, rtol=1e-9, atol=1e-14)
-
-
-@pytest.mark.parametrize("perturbation", ["ones", "random"])
-def test_cartesian_directions_are_lost_when_eps_dominates_w(perturbation):
-    res = stability_experiment(trials=500, seed=2, perturbation=perturbation)
-    big = res.eps.index(0.1)
-    for m in ("SP", "WN", "BN"):
-        d = res.direction[res.methods.index(m), big]
-        assert d.median() > 1.0, m  # ~π/2: the new direction is unrelated to the old one
-        assert (d > math.pi / 2).float().mean() > 0.3, m
-    gmp = res.direction[res.methods.index("GmP"), big]
-    assert gmp.max() <= 0.1 * (1 if perturbation == "ones" else 6) + 1e-12
-
-
-def test_stability_sp_trial_by_hand_and_bn_turns_like_sp():
-    res = stability_experiment((1e-3,), trials=3, seed=7)
-    gen = torch.Generator().manual_seed(7)
-    w = torch.randn(3, 2, generator=gen, dtype=F64) * 1e-3
-    b = torch.randn(3, generator=gen, dtype=F64) * 1e-3
-    w1, b1 = w + 1e-3, b + 1e-3
-    cos = (w * w1).sum(1) / (w.norm(dim=1) * w1.norm(dim=1))
-    torch.testing.assert_close(res.direction[0, 0], torch.acos(cos), rtol=1e-7, atol=1e-12)
-    shift = (-b1[:, None] * w1 / w1.norm(dim=1, keepdim=True) ** 2 + b[:, None] * w / w.norm(dim=1, keepdim=True) ** 2).norm(dim=1)
-    torch.testing.assert_close(res.point[0, 0], shift)
-    torch.testing.assert_close(res.direction[res.methods.index("BN")], res.direction[0])  # same Cartesian turn
-    assert "| GmP |" in res.table() and res.table().count("\n") == 1 + len(res.methods)
-
-
-def test_stability_zero_eps_changes_nothing_and_validates():
-    res = stability_experiment((0.0,), trials=10)
-    assert res.direction.abs().max() < 1e-7 and res.point.abs().max() < 1e-9
-    with pytest.raises(ValueError, match="perturbation"):
-        stability_experiment(perturbation="up")
-    with pytest.raises(ValueError, match="methods"):
-        stability_experiment(methods=("LN",))
-
-
-# -------------------------------------------------------------------------------------------------
-# recorder and plots
-# -------------------------------------------------------------------------------------------------
-
-
-def test_points_recorder_and_plots_write_files(tmp_path):
-    torch.manual_seed(6)
-    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
-    register(model, exclude=["2"])
-    x = torch.randn(100, 2)
-    y = (x[:, 0] > x[:, 1]).float()
-    opt = torch.optim.Adam(model.parameters(), lr=0.1)
-    with PointsRecorder(model[0], every=2).attach(opt) as rec:
-        for _ in range(6):
-            opt.zero_grad()
-            nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(1), y).backward()
-            opt.step()
-    assert rec.steps == [0, 2, 4, 6] and rec.points.shape == (4, 8, 2)
-    torch.testing.assert_close(rec.points[-1], characteristic_points(model[0])[0])
-    assert model.training
-    ax = plot_boundaries_2d(model, x, y, trajectories=rec, title="GmP")
-    assert model.training  # mode restored
-    ax.figure.savefig(tmp_path / "b2d.png")
-    # multi-class output and a plain model
-    mc = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3))
-    plot_boundaries_2d(mc, x, resolution=20).figure.savefig(tmp_path / "mc.png")
-    lvl = nn.Linear(1, 5)
-    r1 = PointsRecorder(lvl)
-    r1.record()
-    plot_points_1d(r1, x_range=(-1, 1)).figure.savefig(tmp_path / "p1d.png")
-    for f in ("b2d.png", "mc.png", "p1d.png"):
-        data = (tmp_path / f).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
-
-
-def test_plot_errors(monkeypatch):
-    with pytest.raises(ValueError, match=r"\(N, 2\)"):
-        plot_boundaries_2d(nn.Linear(2, 1), torch.randn(4, 3))
-    with pytest.raises(ValueError, match="fan-in 2"):
-        plot_boundaries_2d(nn.Sequential(nn.Linear(2, 3)), torch.randn(4, 2), layer=nn.Linear(3, 1))
-    with pytest.raises(ValueError, match="fan-in 1"):
-        plot_points_1d(torch.zeros(3, 4, 2))
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match="pip install matplotlib"):
-        plot_points_1d(torch.zeros(3, 4))
 
 
 def test_drift_does_not_see_canonicalization():
