@@ -39,41 +39,38 @@ empty angle tensor, and ``to_cartesian`` returns ``+1``.
 A zero vector gets radius 0 and all angles 0 (the direction ``e_{n-1}``), so ``r · u`` is
 exactly zero again.
 
-Precision of :func:`to_cartesian` for float32 angles (relative error of each unit vector against
-a float64 evaluation of the same angles, worst of 16 random directions;
-``python benchmarks/speed.py --precision``, ``docs/speed.md``): ``mode="exact"`` (default)
-evaluates the cosines and their running product in float64, the rest in float32: 4.5e-8 at every
-n up to 25,088. ``mode="fast"`` stays in float32: 5.8e-7 at n = 784, 1.4e-6 at 4,608, 5.6e-6 at
-25,088 (a random walk of the cosines' roundings, ~√n·eps/4). Both are computed by one fused
-autograd Function with an analytic backward in float32 (gradient error 4.5e-8 exact, up to
-4.3e-6 fast); see Note [Backward without the cumprod graph].
+Precision of the map for float32 angles (relative error of each unit vector against a float64
+evaluation of the same angles, worst of 16 random directions; ``python benchmarks/speed.py
+--precision``, ``docs/speed.md``): ``mode="exact"`` (default) ≤ 5e-8 at every n up to 25,088;
+``mode="fast"`` is the same with the compiled CPU kernel and otherwise stays in float32, up to
+5.6e-6 at 25,088 (:data:`georeparam._fused.MODES` states each). The autograd Functions, the
+kernel and the modes live in :mod:`georeparam._fused`; this module keeps the pure maps.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["to_cartesian", "to_hyperspherical", "canonicalize", "polar_to_latitude", "latitude_to_polar"]
+from ._fused import check_mode, compute_dtype, scaled_unit, unit
+
+__all__ = ["to_cartesian", "to_hyperspherical", "row_norms", "canonicalize", "polar_to_latitude", "latitude_to_polar"]
 
 _CONVENTIONS = ("latitude", "polar")
-_MODES = ("exact", "fast")
+
+# The autograd Functions live in georeparam._fused; these names stay importable from here for
+# modules written against the old layout (parametrization.py, analysis.py, benchmarks).
+_check_mode = check_mode
+_unit = unit
+_scaled_unit = scaled_unit
 
 
 def _check_convention(convention: str) -> None:
     if convention not in _CONVENTIONS:
         raise ValueError(f"convention must be one of {_CONVENTIONS}. Got: {convention!r}")
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}. Got: {mode!r}")
 
 
 def _check_real_float(x: Tensor, what: str) -> None:
@@ -83,17 +80,6 @@ def _check_real_float(x: Tensor, what: str) -> None:
         raise TypeError(f"{what} must be a real floating-point tensor. Got: dtype={x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"{what} must have at least one dimension (the vector). Got: a 0-d tensor")
-
-
-def compute_dtype(dtype: torch.dtype, mode: str) -> torch.dtype:
-    """The dtype of the cosines' running product: float64 for ``exact``, float32 or better for ``fast``.
-
-    Everything else (sines, the output, the backward) is evaluated in float32 or better in both
-    modes; see Note [Where float64 is needed].
-    """
-    if mode == "exact":
-        return torch.float64
-    return torch.promote_types(dtype, torch.float32)
 
 
 def polar_to_latitude(angles: Tensor) -> Tensor:
@@ -115,491 +101,6 @@ def latitude_to_polar(angles: Tensor) -> Tensor:
     """
     return polar_to_latitude(angles)
 
-
-# ---------------------------------------------------------------------------------------------
-# The map and its analytic backward
-# ---------------------------------------------------------------------------------------------
-
-# Note [Blocks of rows]
-# The map and its backward are about a dozen elementwise passes and two scans. They run on the
-# whole weight at once, in place where they can: with several threads every torch op is a
-# parallel region, and on a shared machine each region can wait for a descheduled thread, so
-# few large ops beat many small ones (cache-sized blocks of 2**16-2**18 elements were 5-10%
-# faster on one idle core but 1.5-10x slower with two threads on a loaded 2-core machine).
-# Only a weight above 2**22 elements goes in blocks of whole rows, which caps the temporaries
-# (float64 ones too) at a block's size.
-_BLOCK_ELEMENTS = 1 << 22
-
-
-def _block_rows(fan_in: int) -> int:
-    return max(1, _BLOCK_ELEMENTS // max(fan_in, 1))
-
-
-# Note [float32 sin and cos on CPU]
-# torch's float32 cos (SLEEF, ≤ 1 ulp) errs with a bias just below 1 (-0.016 ulp on average over
-# small angles, -0.05 ulp on the latitudes of a random direction at n = 25,088), and a product
-# of n cosines adds those biases up: that alone made ``fast`` mode 5.5e-5 off at n = 25,088.
-# numpy's SIMD float32 sin/cos are within 0.51 ulp with no measurable bias and run 2.4× faster on
-# one core (single-threaded; on two threads they tie with torch's). Plain CPU float32 tensors go
-# through numpy, writing in place through a shared-memory view; anything else uses torch.
-
-
-def _numpy_ok(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.float32 and _is_plain(t)
-
-
-# Note [A second thread for the sines]
-# numpy's ufuncs are single-threaded, but they release the GIL. With two or more torch threads
-# allowed, the sines of a large block (≥ 2**18 angles: below that the hand-over costs about what
-# it saves) are computed on one helper thread while the calling thread computes the cosines'
-# product; with one torch thread nothing runs beside the caller. The helper is created on first
-# use and forgotten in a forked child (its thread is not there).
-_SINE_THREAD: Optional[ThreadPoolExecutor] = None
-_SINE_THREAD_MIN_ELEMENTS = 1 << 18
-
-
-def _sine_thread() -> Optional[ThreadPoolExecutor]:
-    global _SINE_THREAD
-    if torch.get_num_threads() < 2:
-        return None
-    if _SINE_THREAD is None:
-        _SINE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="georeparam-sin")
-    return _SINE_THREAD
-
-
-def _forget_sine_thread() -> None:
-    global _SINE_THREAD
-    _SINE_THREAD = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_sine_thread)
-
-
-def _unit_block(a: Tensor, exact: bool, u: Tensor, prefix: Tensor, use_numpy: bool) -> None:
-    """Write ``u`` ``(rows, n)`` and ``prefix`` ``(rows, n-2)`` for contiguous angles ``(rows, n-1)``.
-
-    ``prefix[:, k] = ∏_{j≤k} cos φ_j`` over the latitudes. Sines and cosines are taken of all
-    ``n-1`` angles at once (the last one's too): one contiguous pass each, which numpy runs at
-    full speed and, on two threads, side by side (Note [A second thread for the sines]; a strided
-    2-D view runs half as fast and does not overlap).
-
-    # Note [Where float64 is needed]
-    Almost every ``cos φ_j`` of a high-dimensional direction sits just below 1, where float32's
-    spacing is 6e-8; a product of ``n`` of them carries ``n`` rounding errors (~√n·3e-8, more
-    if they lean one way: Note [float32 sin and cos on CPU]). ``exact`` evaluates the cosines
-    and their running product in float64 and rounds the product once. The sines stay in the
-    working dtype: each enters one coordinate once, so their rounding costs eps/2 per
-    coordinate, not a sum over n. (The running product itself is not the problem on CPU: torch's
-    ``cumprod`` accumulates float32 in double.)
-    """
-    m = a.shape[-1] - 1
-    s = torch.empty_like(a)
-    sines = None
-    if use_numpy:
-        helper = _sine_thread() if a.numel() >= _SINE_THREAD_MIN_ELEMENTS else None
-        if helper is not None:
-            sines = helper.submit(np.sin, a.detach().numpy(), out=s.numpy())
-        else:
-            np.sin(a.detach().numpy(), out=s.numpy())
-    else:
-        torch.sin(a, out=s)
-    if exact and a.dtype != torch.float64:
-        c64 = a.to(torch.float64).cos_()  # the one float64 temporary
-        lat_c = c64[:, :m]
-        prefix.copy_(torch.cumprod(lat_c, -1, out=lat_c))
-        cos_last = c64[:, m:].to(a.dtype)
-    else:
-        c = torch.from_numpy(np.cos(a.detach().numpy())) if use_numpy else torch.cos(a)
-        torch.cumprod(c[:, :m], -1, out=prefix)
-        cos_last = c[:, m:]
-    if sines is not None:
-        sines.result()
-    # u_k = sin φ_k · ∏_{j<k} cos φ_j, then (cos θ, sin θ) · ∏_{j≤n-2} cos φ_j
-    if m > 0:
-        u[:, :1].copy_(s[:, :1])
-        torch.mul(s[:, 1:m], prefix[:, :-1], out=u[:, 1:m])
-        tail = prefix[:, m - 1 :]
-        torch.mul(cos_last, tail, out=u[:, m : m + 1])
-        torch.mul(s[:, m:], tail, out=u[:, m + 1 :])
-    else:
-        u[:, :1].copy_(cos_last)
-        u[:, 1:].copy_(s)
-
-
-def _unit_forward(angles: Tensor, exact: bool, radius: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
-    """``(u, prefix)``, or ``(r·u, u, prefix)`` with ``radius``, block by block (Note [Blocks of rows])."""
-    if torch.compiler.is_compiling():
-        return _unit_forward_traced(angles, exact, radius)
-    n = angles.shape[-1] + 1
-    m = n - 2
-    flat = angles.dim() != 2
-    lead = angles.shape[:-1]
-    rows = math.prod(lead)
-    a = (angles.reshape(rows, n - 1) if flat else angles).contiguous()
-    u = a.new_empty(rows, n)
-    prefix = a.new_empty(rows, m)
-    use_numpy = _numpy_ok(a)
-    if use_numpy and a.untyped_storage().data_ptr() == angles.untyped_storage().data_ptr():
-        # Note [numpy pins storage]
-        # ``tensor.numpy()`` marks the tensor's storage non-resizable for good, and FSDP2 frees
-        # an unsharded parameter by resizing its storage to 0. numpy only ever sees buffers the
-        # map allocated itself: the angles are copied first (one memory-bound pass).
-        a = a.clone()
-    step = _block_rows(n) if a.device.type == "cpu" else rows
-    if rows <= step:
-        _unit_block(a, exact, u, prefix, use_numpy)
-    else:
-        for a_b, u_b, p_b in zip(a.split(step), u.split(step), prefix.split(step)):
-            _unit_block(a_b, exact, u_b, p_b, use_numpy)
-    w = None if radius is None else u * (radius.reshape(rows, 1) if flat else radius.unsqueeze(-1))
-    if flat:
-        u, prefix = u.reshape(lead + (n,)), prefix.reshape(lead + (m,))
-        w = None if w is None else w.reshape(lead + (n,))
-    return (u, prefix) if w is None else (w, u, prefix)
-
-
-def _unit_forward_traced(angles: Tensor, exact: bool, radius: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
-    """:func:`_unit_forward` in out-of-place ops, for ``torch.compile`` (which fuses the passes itself)."""
-    m = angles.shape[-1] - 1
-    lat, lon = angles[..., :m], angles[..., m:]
-    if exact and angles.dtype != torch.float64:
-        prefix = torch.cumprod(torch.cos(lat.to(torch.float64)), -1).to(angles.dtype)
-    else:
-        prefix = torch.cumprod(torch.cos(lat), -1)
-    before = torch.cat([torch.ones_like(lon), prefix[..., :-1]], dim=-1)
-    tail = prefix[..., m - 1 :] if m > 0 else torch.ones_like(lon)
-    u = torch.cat([torch.sin(lat) * before[..., :m], tail * torch.cos(lon), tail * torch.sin(lon)], dim=-1)
-    if radius is None:
-        return u, prefix
-    return radius.unsqueeze(-1) * u, u, prefix
-
-
-def _grad_block(g: Tensor, gp: Optional[Tensor], u: Tensor, prefix: Tensor) -> Tuple[Tensor, Tensor]:
-    """Gradient of ``⟨g, u⟩ + ⟨gp, prefix⟩`` with respect to the angles, and ``Σ_i g_i u_i``.
-
-    # Note [Backward without the cumprod graph]
-    With ``S_k = Σ_{i>k} g_i u_i + Σ_{i≥k} p_i prefix_i`` (reverse cumulative sums; ``p`` is the
-    gradient reaching ``prefix``, zero unless something differentiates through it) the gradient is
-
-        ∂/∂φ_k = g_k · prefix_k − tan φ_k · S_k              (k ≤ n-2)
-        ∂/∂θ   = g_n · u_{n-1} − g_{n-1} · u_n             (the last angle)
-
-    and ``tan φ_k = u_k / prefix_k`` comes from the two saved tensors without a sine or cosine.
-    Every term of ``S_k`` carries the factor ``cos φ_k``, as ``prefix_k`` does, so their ratio
-    stays exact next to the poles (polar θ = 0 or π, where ``cos φ_k`` is tiny but never exactly
-    zero for a finite float). The sums run from the end, so ``S_k`` is accurate relative to its
-    own size there, not to the whole sum. Where ``prefix_k`` underflows to 0, every ``u_i`` after
-    it is 0 as well and ``S_k = 0``; the divisor 1 put in there only avoids 0/0.
-
-    Written in out-of-place differentiable ops of the saved *outputs*, so it also runs under
-    ``vmap`` (``jacrev`` batches the cotangents) and can be differentiated again (Hessians). That
-    second derivative is exact away from the poles; at a pole the quotient ``S_k / prefix_k``
-    differentiates into two terms of size ``1/cos φ_k`` that cancel, so it loses about
-    ``eps / cos φ_k`` (first derivatives stay exact there).
-    """
-    m = prefix.shape[-1]
-    gu = g * u
-    v = gu[..., 1:]
-    if gp is not None and m > 0:
-        v = v + torch.cat([gp * prefix, torch.zeros_like(gp[..., :1])], dim=-1)
-    S = v.flip(-1).cumsum(-1).flip(-1)[..., :m]
-    den = torch.where(prefix == 0, 1.0, prefix)
-    g_lat = g[..., :m] * prefix - (u[..., :m] / den) * S
-    g_lon = g[..., m + 1 :] * u[..., m : m + 1] - g[..., m : m + 1] * u[..., m + 1 :]
-    return torch.cat([g_lat, g_lon], dim=-1), gu.sum(-1)
-
-
-def _neg_grad_block_into(g: Tensor, u: Tensor, prefix: Tensor, sums: Tensor, guard: bool) -> Tensor:
-    """:func:`_grad_block` for one block of plain tensors, in place and *negated*: ``(rows, n-1)``
-    whose last column is left for the caller, and ``Σ_i g_i u_i`` written into ``sums``.
-
-    Two block-sized temporaries at a time; the second becomes the result. The sign is folded into
-    the caller's final scaling, which saves a pass.
-    """
-    m = prefix.shape[-1]
-    S = (g[:, 1:] * u[:, 1:]).flip(-1)
-    S.cumsum_(-1)
-    S = S.flip(-1)  # S[:, k] = Σ_{i>k} g_i u_i
-    torch.addcmul(S[:, 0], g[:, 0], u[:, 0], out=sums)
-    lat = S[:, :m]
-    lat.mul_(u[:, :m])  # tan φ_k · S_k = u_k · S_k / prefix_k
-    lat.div_(prefix if not guard else torch.where(prefix == 0, 1.0, prefix))
-    lat.addcmul_(g[:, :m], prefix, value=-1)
-    return S
-
-
-def _is_plain(*tensors: Optional[Tensor]) -> bool:
-    """Eager, and no tensor is a functorch wrapper (vmap/grad level) or a subclass other than Parameter."""
-    if torch.compiler.is_compiling():
-        return False
-    return all(
-        t is None
-        or (type(t) in (Tensor, torch.nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t))
-        for t in tensors
-    )
-
-
-def _unit_backward(
-    g: Optional[Tensor], gp: Optional[Tensor], u: Tensor, prefix: Tensor, scale: Optional[Tensor] = None
-) -> Tuple[Tensor, Tensor]:
-    """``(grad_angles · scale, Σ_i g_i u_i)``: the gradient of ``⟨g, u⟩ + ⟨gp, prefix⟩``.
-
-    ``scale`` (one factor per row) multiplies only the angle gradient; it must be ``None`` when
-    ``gp`` is given. A plain first-order backward (the training step) runs in place
-    (:func:`_neg_grad_block_into`, in blocks of rows only for huge weights: Note [Blocks of
-    rows]); under ``torch.func``, ``torch.compile`` or ``create_graph`` the whole tensor goes
-    through the differentiable :func:`_grad_block`.
-    """
-    n = u.shape[-1]
-    lead = u.shape[:-1]
-    rows = math.prod(lead)
-    if g is None:
-        g = torch.zeros_like(u)
-    if gp is None and not torch.is_grad_enabled() and _is_plain(g, u, prefix, scale):
-        m = n - 2
-        flat = u.dim() != 2
-        if flat:
-            g, u, prefix = g.reshape(rows, n), u.reshape(rows, n), prefix.reshape(rows, m)
-        if m > 0:
-            sums = u.new_empty(rows)
-            cpu = u.device.type == "cpu"
-            step = _block_rows(n) if cpu else rows
-            # |prefix| never grows along a row, so a row has a zero iff its last entry is zero (a
-            # cheap check on CPU; elsewhere the guarded division runs without a sync)
-            guard = not cpu or bool((prefix[:, -1] == 0).any())
-            if rows <= step:
-                out = _neg_grad_block_into(g, u, prefix, sums, guard)
-            else:
-                out = u.new_empty(rows, n - 1)
-                blocks = zip(g.split(step), u.split(step), prefix.split(step), out.split(step), sums.split(step))
-                for g_b, u_b, p_b, out_b, sums_b in blocks:
-                    out_b.copy_(_neg_grad_block_into(g_b, u_b, p_b, sums_b, guard))
-        else:
-            out = u.new_empty(rows, 1)
-            sums = (g * u).sum(-1)
-        # the last angle, negated like the rest: g_{n-1} · u_n − g_n · u_{n-1}
-        lon = out[:, m:]
-        torch.mul(g[:, m : m + 1], u[:, m + 1 :], out=lon)
-        lon.sub_(g[:, m + 1 :] * u[:, m : m + 1])
-        if scale is not None:
-            out.mul_(-(scale.reshape(rows, 1) if flat else scale.unsqueeze(-1)))
-        else:
-            out.neg_()
-        if flat:
-            out, sums = out.reshape(lead + (n - 1,)), sums.reshape(lead)
-        return out, sums
-    grad, sums = _grad_block(g, gp, u, prefix)
-    if scale is not None:
-        grad = grad * scale.unsqueeze(-1)
-    return grad, sums
-
-
-def _unit_jvp(da: Tensor, u: Tensor, prefix: Tensor) -> Tuple[Tensor, Tensor]:
-    """Forward-mode tangents ``(du, dprefix)`` for an angle tangent ``da`` (for ``jacfwd``/``hessian``).
-
-    With ``C_k = Σ_{j≤k} tan φ_j · dφ_j``: ``dprefix_k = −prefix_k · C_k``,
-    ``du_k = prefix_k · dφ_k − u_k · C_{k−1}`` for the latitudes and, for the last pair,
-    ``du_{n−1} = −u_n · dθ − u_{n−1} · C_{n−2}``, ``du_n = u_{n−1} · dθ − u_n · C_{n−2}``. The large
-    ``tan φ_j`` of a pole only ever meets coordinates that carry its small ``cos φ_j``.
-    """
-    m = prefix.shape[-1]
-    den = torch.where(prefix == 0, 1.0, prefix)
-    C = ((u[..., :m] / den) * da[..., :m]).cumsum(-1)
-    dprefix = -prefix * C
-    Cex = torch.cat([torch.zeros_like(da[..., :1]), C], dim=-1)  # C_{k−1}, k = 0..m
-    dl, last = da[..., m:], Cex[..., m:]
-    du = torch.cat(
-        [
-            prefix * da[..., :m] - u[..., :m] * Cex[..., :m],
-            -u[..., m + 1 :] * dl - u[..., m : m + 1] * last,
-            u[..., m : m + 1] * dl - u[..., m + 1 :] * last,
-        ],
-        dim=-1,
-    )
-    return du, dprefix
-
-
-class _UnitVector(torch.autograd.Function):
-    """``angles → (u, prefix)`` for latitude angles (``n ≥ 2``), with an analytic backward.
-
-    Forward and backward stay in the dtype of the angles (float32 or float64; :func:`_unit`
-    promotes half precision first); ``exact=True`` adds the float64 product of Note [Where float64
-    is needed]. The saved tensors are the two outputs: nothing of the forward's cos/sin/cumprod
-    graph is kept and nothing is recomputed. ``prefix`` is an output so that ``setup_context``
-    can save it (the form ``torch.func`` and ``torch.compile`` need); callers ignore it.
-    """
-
-    @staticmethod
-    def forward(angles: Tensor, exact: bool) -> Tuple[Tensor, Tensor]:  # type: ignore[override]
-        return _unit_forward(angles, exact)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        u, prefix = output
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(u, prefix)
-
-    @staticmethod
-    def backward(ctx, grad_u: Optional[Tensor], grad_prefix: Optional[Tensor]):  # type: ignore[override]
-        u, prefix = ctx.saved_tensors
-        if grad_u is None and grad_prefix is None:
-            return None, None
-        return _unit_backward(grad_u, grad_prefix, u, prefix)[0], None
-
-    @staticmethod
-    def vmap(info, in_dims, angles: Tensor, exact: bool):  # type: ignore[override]
-        # Note [vmap rule]
-        # The forward writes into tensors it allocates, which a vmap-generated rule cannot batch.
-        # The map is row-wise, so a batch dimension is just one more leading dimension.
-        return _UnitVector.apply(angles.movedim(in_dims[0], 0), exact), (0, 0)
-
-
-def _vmap_scaled(fn, info, in_dims, radius: Tensor, angles: Tensor, exact: bool):
-    """vmap rule of the scaled map (Note [vmap rule]): batch dimension first; an unbatched
-    radius or angles tensor is expanded to the batch."""
-
-    def front(x: Tensor, d: Optional[int]) -> Tensor:
-        return x.movedim(d, 0) if d is not None else x.expand((info.batch_size,) + x.shape)
-
-    return fn.apply(front(radius, in_dims[0]), front(angles, in_dims[1]), exact), (0, 0, 0)
-
-
-class _ScaledUnitVector(torch.autograd.Function):
-    """``(radius, angles) → (r·u, u, prefix)``: the weight rows in one pass (see :class:`_UnitVector`).
-
-    Folding the radius in saves the separate ``r · u`` product, its backward (two full passes
-    and a temporary the size of the weight) and keeps ``u`` saved once.
-    """
-
-    @staticmethod
-    def forward(radius: Tensor, angles: Tensor, exact: bool) -> Tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        return _unit_forward(angles, exact, radius)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        radius = inputs[0]
-        _, u, prefix = output
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(radius, u, prefix)
-
-    @staticmethod
-    def backward(ctx, grad_w: Optional[Tensor], grad_u: Optional[Tensor], grad_prefix: Optional[Tensor]):  # type: ignore[override]
-        radius, u, prefix = ctx.saved_tensors
-        if grad_w is None and grad_u is None and grad_prefix is None:
-            return None, None, None
-        if grad_u is None and grad_prefix is None:
-            # w = r·u: ∂/∂angles = r · (∂u/∂angles)ᵀ g and ∂/∂r = Σ g·u, both from one pass
-            grad_angles, grad_r = _unit_backward(grad_w, None, u, prefix, scale=radius)
-            return grad_r, grad_angles, None
-        g = None if grad_w is None else grad_w * radius.unsqueeze(-1)
-        if grad_u is not None:
-            g = grad_u if g is None else g + grad_u
-        grad_angles, _ = _unit_backward(g, grad_prefix, u, prefix)
-        grad_r = None if grad_w is None else (grad_w * u).sum(-1)
-        return grad_r, grad_angles, None
-
-    @staticmethod
-    def vmap(info, in_dims, radius: Tensor, angles: Tensor, exact: bool):  # type: ignore[override]
-        return _vmap_scaled(_ScaledUnitVector, info, in_dims, radius, angles, exact)
-
-
-# Note [Forward mode and compile]
-# Dynamo does not trace an autograd.Function that defines ``jvp``, and ``torch.func.jacfwd`` /
-# ``hessian`` need one. The eager path uses these subclasses (with ``jvp``); a compiled graph
-# uses the base classes.
-
-
-class _UnitVectorFwAD(_UnitVector):
-    """:class:`_UnitVector` with forward-mode AD; see Note [Forward mode and compile]."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        _UnitVector.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*output)
-
-    @staticmethod
-    def jvp(ctx, d_angles: Optional[Tensor], _):  # type: ignore[override]
-        u, prefix = ctx.saved_tensors
-        return _unit_jvp(d_angles, u, prefix)
-
-    @staticmethod
-    def vmap(info, in_dims, angles: Tensor, exact: bool):  # type: ignore[override]
-        return _UnitVectorFwAD.apply(angles.movedim(in_dims[0], 0), exact), (0, 0)
-
-
-class _ScaledUnitVectorFwAD(_ScaledUnitVector):
-    """:class:`_ScaledUnitVector` with forward-mode AD; see Note [Forward mode and compile]."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        _ScaledUnitVector.setup_context(ctx, inputs, output)
-        _, u, prefix = output
-        ctx.save_for_forward(inputs[0], u, prefix)
-
-    @staticmethod
-    def jvp(ctx, d_radius: Optional[Tensor], d_angles: Optional[Tensor], _):  # type: ignore[override]
-        radius, u, prefix = ctx.saved_tensors
-        if d_angles is None:  # (None tangents for outputs trip an internal assert: zeros)
-            assert d_radius is not None
-            return d_radius.unsqueeze(-1) * u, torch.zeros_like(u), torch.zeros_like(prefix)
-        du, dprefix = _unit_jvp(d_angles, u, prefix)
-        dw = radius.unsqueeze(-1) * du
-        if d_radius is not None:
-            dw = dw + d_radius.unsqueeze(-1) * u
-        return dw, du, dprefix
-
-    @staticmethod
-    def vmap(info, in_dims, radius: Tensor, angles: Tensor, exact: bool):  # type: ignore[override]
-        return _vmap_scaled(_ScaledUnitVectorFwAD, info, in_dims, radius, angles, exact)
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-# Note [Calling the Function]
-# ``Function.apply`` binds the arguments with ``inspect.signature`` on every call (~40 µs, more
-# than the whole map of a small conv layer) before handing over to the C++ ``apply``. Outside
-# functorch transforms and compile, with every argument positional, that binding does nothing,
-# so the eager path calls the C++ ``apply`` directly; everything else goes through ``apply``.
-_DIRECT_APPLY = hasattr(torch._C, "_are_functorch_transforms_active") and hasattr(torch._C._FunctionBase, "apply")
-
-
-def _call(fn, compiling: bool, *args):
-    if _DIRECT_APPLY and not compiling and not torch._C._are_functorch_transforms_active():
-        return super(torch.autograd.Function, fn).apply(*args)
-    return fn.apply(*args)
-
-
-def _unit(angles: Tensor, mode: str = "exact") -> Tensor:
-    """Latitude angles (..., n-1) → unit vectors (..., n) in the dtype of ``angles``; ``n = 1`` gives ones.
-
-    Half-precision angles are evaluated in float32 and the result is cast back.
-    """
-    n = angles.shape[-1] + 1
-    if n == 1:
-        return torch.ones(angles.shape[:-1] + (1,), dtype=angles.dtype, device=angles.device)
-    compiling = torch.compiler.is_compiling()
-    fn = _UnitVector if compiling else _UnitVectorFwAD
-    u, _ = _call(fn, compiling, angles.to(_work_dtype(angles.dtype)), mode == "exact")
-    return u.to(angles.dtype)
-
-
-def _scaled_unit(radius: Tensor, angles: Tensor, mode: str = "exact") -> Tensor:
-    """``radius[..., None] · u(angles)``, the rows of a GmP weight, in the dtype of ``angles``.
-
-    Same values as ``radius.unsqueeze(-1) * _unit(angles, mode)`` with a cheaper backward
-    (:class:`_ScaledUnitVector`).
-    """
-    n = angles.shape[-1] + 1
-    if n == 1:
-        return radius.unsqueeze(-1).to(angles.dtype)
-    work = _work_dtype(torch.promote_types(angles.dtype, radius.dtype))
-    compiling = torch.compiler.is_compiling()
-    fn = _ScaledUnitVector if compiling else _ScaledUnitVectorFwAD
-    w, _, _ = _call(fn, compiling, radius.to(work), angles.to(work), mode == "exact")
-    return w.to(angles.dtype)
 
 
 def to_cartesian(angles: Tensor, *, convention: str = "latitude", mode: str = "exact") -> Tensor:
@@ -625,13 +126,13 @@ def to_cartesian(angles: Tensor, *, convention: str = "latitude", mode: str = "e
     """
     _check_real_float(angles, "angles")
     _check_convention(convention)
-    _check_mode(mode)
+    check_mode(mode)
     if convention == "polar":
         # convert in the compute dtype: π/2 − θ in float32 would shift every angle by float32's
         # rounding of π/2 (4.4e-8), the very storage error the latitude convention avoids
         work = compute_dtype(angles.dtype, mode)
-        return _unit(polar_to_latitude(angles.to(work)), mode).to(angles.dtype)
-    return _unit(angles, mode)
+        return unit(polar_to_latitude(angles.to(work)), mode).to(angles.dtype)
+    return unit(angles, mode)
 
 
 def _largest_below(x: float, dtype: torch.dtype) -> float:
@@ -682,6 +183,26 @@ def _round_half_turn(theta: Tensor, cos_sign: Tensor, dtype: torch.dtype) -> Ten
     return out
 
 
+def row_norms(x: Tensor) -> Tensor:
+    r"""``‖x‖`` of each row (the last dimension), computed in float64 and rounded once to ``x.dtype``.
+
+    The radius of :func:`to_hyperspherical` without the angles, in one pass: what checks before
+    registration need (a float64 row is scaled by a power of two first, Note [Scaling rows]). It
+    may differ from that radius by one rounding (the sum runs in another order). An overflow of
+    the dtype comes back as ``inf``, for the caller to refuse.
+
+    Example:
+        >>> row_norms(torch.tensor([[3.0, -4.0], [1e30, 1e30]]))
+        tensor([5.0000e+00, 1.4142e+30])
+    """
+    _check_real_float(x, "x")
+    if x.dtype != torch.float64:
+        return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).to(x.dtype)
+    _, e = torch.frexp(x.abs().amax(dim=-1, keepdim=True))
+    scale = torch.pow(2.0, e.clamp(-1000, 1000).to(torch.float64))
+    return torch.linalg.vector_norm(x / scale, dim=-1) * scale[..., 0]
+
+
 def to_hyperspherical(x: Tensor, *, convention: str = "latitude") -> Tuple[Tensor, Tensor]:
     r"""Radius and angles of each row of ``x`` (the last dimension is the vector).
 
@@ -707,37 +228,49 @@ def to_hyperspherical(x: Tensor, *, convention: str = "latitude") -> Tuple[Tenso
         raise ValueError(f"x must have a non-empty last dimension. Got: shape {tuple(x.shape)}")
     if n == 1:
         return x[..., 0].clone(), x.new_empty(x.shape[:-1] + (0,))
-    # Note [Scaling rows]
-    # Squares of float64 entries overflow above 1e154 and underflow below 1e-154. Each row is
-    # scaled by a power of two first (exact), so any finite row gets its radius and angles.
-    xd = x.to(torch.float64)
-    _, e = torch.frexp(xd.abs().amax(dim=-1, keepdim=True))
-    scale = torch.pow(2.0, e.clamp(-1000, 1000).to(torch.float64))
-    xs = xd / scale
-    sq = xs * xs
-    tail_sq = torch.flip(torch.cumsum(torch.flip(sq, (-1,)), dim=-1), (-1,))  # Σ_{i≥k} x_i²
-    tail = torch.sqrt(tail_sq)
-    radius = tail[..., 0] * scale[..., 0]
     dtype = x.dtype
+    # Note [Reversed rows]
+    # The angles need the tail norms ‖(x_k, …, x_n)‖, a cumulative sum from the row's end. The
+    # row is reversed once, in the input dtype (the copy that protects the input), and every
+    # float64 pass after it runs in place on that copy; the float32 angles are reversed back.
+    # (Two float64 flips around the cumsum, and a zero-row where() over every angle, made
+    # registration 2× slower.)
+    xf = torch.flip(x, (-1,)).to(torch.float64)
+    # Note [Scaling rows]
+    # Squares of float64 entries overflow above 1e154 and underflow below 1e-154. A float64 row
+    # is scaled by a power of two first (exact), so any finite row gets its radius and angles.
+    # Squares of float32/float16/bfloat16 entries always fit float64: no scaling needed.
+    scale = None
+    if dtype == torch.float64:
+        _, e = torch.frexp(xf.abs().amax(dim=-1, keepdim=True))
+        scale = torch.pow(2.0, e.clamp(-1000, 1000).to(torch.float64))
+        xf.div_(scale)
+    tail = torch.mul(xf, xf).cumsum_(-1).sqrt_()  # tail[..., j] = ‖(x_{n-j}, …, x_n)‖ (1-based x)
+    radius = tail[..., -1] if scale is None else tail[..., -1] * scale[..., 0]
+    # the angles in reversed order into one buffer: rev[..., 0] is the last angle, rev[..., j]
+    # for j ≥ 1 is angle n-1-j (x_k is xf[..., n-1-k] and tail_{k+1} is tail[..., n-2-k])
+    rev = torch.empty(x.shape[:-1] + (n - 1,), dtype=dtype, device=x.device)
     if convention == "polar":
-        first = torch.atan2(tail[..., 1 : n - 1], xs[..., : n - 2])  # θ_k ∈ [0, π]
-        first = _round_half_turn(first, xd[..., : n - 2], dtype)
+        first = torch.atan2(tail[..., 1 : n - 1], xf[..., 2:])  # θ_k ∈ [0, π]
+        rev[..., 1:] = _round_half_turn(first, torch.flip(x, (-1,))[..., 2:], dtype)
     else:
-        first = torch.atan2(xs[..., : n - 2], tail[..., 1 : n - 1])  # φ_k ∈ [-π/2, π/2]
-        first = _round_latitude(first, dtype)
+        bound = _largest_below(math.pi / 2, dtype)  # rounded keeping cos φ > 0 (_round_latitude)
+        rev[..., 1:].copy_(xf[..., 2:].atan2_(tail[..., 1 : n - 1])).clamp_(-bound, bound)  # φ_k ∈ [-π/2, π/2]
     # the last angle: |θ| = atan2(|x_n|, x_{n-1}) ∈ [0, π], then the sign of x_n (so that
     # x_n = -0. gives +π, inside (-π, π]). Signs come from the unscaled row: a tiny entry next
     # to a huge one underflows when scaled.
-    xa, xb = xs[..., n - 2], xs[..., n - 1]
-    lon = _round_half_turn(torch.atan2(xb.abs(), xa), xd[..., n - 2], dtype)
-    lon = torch.where(xd[..., n - 1] < 0, -lon, lon)
-    angles = torch.cat([first, lon.unsqueeze(-1)], dim=-1)
+    xa, xb = xf[..., 1], xf[..., 0]
+    lon = _round_half_turn(torch.atan2(xb.abs(), xa), x[..., n - 2], dtype)
+    rev[..., 0] = torch.where(x[..., n - 1] < 0, -lon, lon)
+    angles = torch.flip(rev, (-1,))
     # a zero row (whatever the signs of its zeros) gets the fixed direction of all-zero latitudes
-    zero_row = (radius == 0).unsqueeze(-1)
-    angles = torch.where(zero_row, torch.zeros_like(angles), angles)
-    if convention == "polar":  # the same direction: θ_k = π/2 (below the pole), last angle 0
-        first_zero = torch.full_like(first, _largest_below(math.pi / 2, dtype))
-        angles = torch.where(zero_row, torch.cat([first_zero, torch.zeros_like(lon).unsqueeze(-1)], -1), angles)
+    # (polar: θ_k = π/2, below the pole, and last angle 0)
+    zero_row = radius == 0
+    if bool(zero_row.any()):
+        fixed = torch.zeros(n - 1, dtype=dtype, device=x.device)
+        if convention == "polar":
+            fixed[: n - 2] = _largest_below(math.pi / 2, dtype)
+        angles[zero_row] = fixed
     return radius.to(dtype), angles
 
 
@@ -752,18 +285,66 @@ def to_hyperspherical(x: Tensor, *, convention: str = "latitude") -> Tuple[Tenso
 _TWO_PI_HI = float.fromhex("0x1.921fb50000000p+2")
 _TWO_PI_MID = float.fromhex("0x1.110b460000000p-24")
 _TWO_PI_LO = float.fromhex("0x1.1a62633145c07p-52")
+_THREE_PARTS_EXACT_BELOW = 2.0**27 * 2 * math.pi  # |k| < 2**27
 
 
 def _reduce(x: Tensor, k: Tensor) -> Tensor:
     return ((x - k * _TWO_PI_HI) - k * _TWO_PI_MID) - k * _TWO_PI_LO
 
 
+# Note [Huge angles]
+# Beyond 2**27 turns (|x| > 8.4e8: one huge finite step) the three parts above are no longer
+# exact (k·part needs more than 53 bits), and w changed by up to 1.6 at 1e20. Such angles are
+# reduced exactly instead: a float64 is an integer times a power of two, so x·2**P is an integer
+# for P = 1,280, and its remainder by ⌊2π·2**P⌋ (2π to 1,280 bits, from Machin's formula in
+# integers) is x mod 2π to within 2**-170 rad; Python's int division rounds it once to float64.
+# About 2 µs per angle, in Python: only the rare huge angles take this path.
+_P_BITS = 1280
+
+
+def _two_pi_fixed(bits: int) -> int:
+    """``⌊2π·2**bits⌋`` (off by at most a few units), by Machin's π = 16·atan(1/5) − 4·atan(1/239)."""
+    guard = bits + 32
+
+    def atan_inv(x: int) -> int:  # atan(1/x)·2**guard
+        total, term, k, x2 = 0, (1 << guard) // x, 1, x * x
+        while term:
+            total += term // k if (k // 2) % 2 == 0 else -(term // k)
+            term //= x2
+            k += 2
+        return total
+
+    return (2 * (16 * atan_inv(5) - 4 * atan_inv(239))) >> 32
+
+
+_TWO_PI_FIXED = _two_pi_fixed(_P_BITS)
+
+
+def _reduce_exact(x: float) -> float:
+    """``x − 2π·round(x / 2π)`` for a finite float, computed exactly and rounded once (Note [Huge angles])."""
+    m, e = math.frexp(x)
+    mant, exp = int(m * 2.0**53), e - 53  # x = mant·2**exp exactly
+    r = (mant << (exp + _P_BITS)) % _TWO_PI_FIXED  # exp + P ≥ 1280 − 1127 > 0 for every float64
+    if 2 * r > _TWO_PI_FIXED:
+        r -= _TWO_PI_FIXED
+    return r / (1 << _P_BITS)  # int / int: correctly rounded
+
+
 def _wrap(x: Tensor) -> Tensor:
-    """Wrap float64 angles to [-π, π] (float64's π); angles already there come back unchanged."""
+    """Wrap float64 angles to [-π, π] (float64's π); angles already there come back unchanged.
+
+    Exact up to one rounding at any finite size (Note [Huge angles]); non-finite angles stay
+    non-finite.
+    """
     k = torch.round(x / (2 * math.pi))
     r = _reduce(x, k)
     k = k + (r > math.pi).to(x.dtype) - (r < -math.pi).to(x.dtype)
     r = _reduce(x, k)
+    huge = (x.abs() > _THREE_PARTS_EXACT_BELOW) & torch.isfinite(x)
+    if bool(huge.any()):
+        exact = torch.tensor([_reduce_exact(v) for v in x.detach()[huge].tolist()], dtype=x.dtype, device=x.device)
+        fixed = torch.zeros_like(x).masked_scatter(huge, exact)
+        r = torch.where(huge, fixed + (x - x.detach()), r)  # the value exact, the derivative 1
     # an angle on the boundary can round one ulp outside after the shift: pull it in
     # (as r − (r − bound): exact by Sterbenz, and the derivative stays 1)
     r = torch.where(r > math.pi, r - (r - math.pi).detach(), r)
