@@ -19,9 +19,10 @@ from . import imn as _imn
 from . import signs as _signs
 from .checkpoint import load_plain_entry
 from .stale import retire, unretire
-from .coords import _check_mode, to_hyperspherical
+from ._fused import check_mode
+from .coords import to_hyperspherical
 from .layouts import SUPPORTED, entry_of, is_supported, layout_of, supported_names, weight_names
-from .parametrization import _Geometric, _GeometricBias, _check_radius, _check_weight_values, offset_from, unit_coordinates
+from .parametrization import _Geometric, _GeometricBias, _check_radius, _check_weight_values, offset_from, unit_radius
 from .report import LayerReport, Report
 
 __all__ = ["geometric", "register", "remove", "is_geometric", "geometry", "Geometry", "SUPPORTED", "FORMS"]
@@ -124,7 +125,7 @@ def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> T
     """All checks of :func:`geometric`, before anything is changed. Returns (weight, bias)."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"geometric expects an nn.Module. Got: {type(module).__name__}")
-    _check_mode(mode)
+    check_mode(mode)
     what = _describe(module)
     if not is_supported(module):
         raise TypeError(f"geometric supports {supported_names()} and their subclasses. Got: {what}")
@@ -147,7 +148,7 @@ def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> T
     _check_weight_values(weight, f"{what}.{name}")
     layout = _layout(module, weight)
     with torch.no_grad():
-        radius, _ = unit_coordinates(layout.to_units(weight.detach()))
+        radius = unit_radius(layout.to_units(weight.detach()))  # the angles come later, in right_inverse
     # finite entries can still have a row norm that overflows the dtype (r = inf)
     _check_radius(radius, f"{what}.{name}")
     b = None
@@ -246,7 +247,8 @@ def _register_validated(module: nn.Module, name: str, bias: Optional[str], mode:
     original_bias = module._parameters[bias] if has_bias else None
     param = _layout(module, original_weight, mode, sign_after)
     param._memory_format = _memory_format(original_weight)  # restored by remove
-    parametrize.register_parametrization(module, name, param)
+    # unsafe: shape and dtype are checked in _validate; skips one evaluation of the whole map
+    parametrize.register_parametrization(module, name, param, unsafe=True)
     try:
         # attached after the weight's registration: from now on right_inverse is an assignment
         object.__setattr__(param, "_layer", module)
@@ -367,7 +369,7 @@ def register(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"register expects an nn.Module. Got: {type(model).__name__}")
-    _check_mode(mode)
+    check_mode(mode)
     if form not in FORMS:
         raise ValueError(f"register: form must be one of {FORMS}. Got: {form!r}")
     inc_names, inc_types = _selector(include, "include")

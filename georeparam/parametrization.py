@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .coords import _check_mode, _scaled_unit, to_hyperspherical
+from ._fused import check_mode, scaled_unit
+from .coords import row_norms, to_hyperspherical
 from .layouts import Layout
 from .signs import unit_sign
 
@@ -37,7 +38,7 @@ class _Geometric(nn.Module):
         channel_dim: int = -1,
     ):  # fmt: skip
         super().__init__()
-        _check_mode(mode)
+        check_mode(mode)
         self.layout = shape if isinstance(shape, Layout) else Layout(shape, channel_dim=channel_dim, transposed=transposed, groups=groups)
         self.mode = mode
         self.sign_after = bool(sign_after)
@@ -88,7 +89,7 @@ class _Geometric(nn.Module):
         if angles.is_meta:  # Note [Meta tensors]: shapes only
             return self.from_units(radius.new_empty((self.units, self.fan_in)))
         with torch.autocast(device_type=angles.device.type, enabled=False):
-            return self.from_units(_scaled_unit(self.effective_radius(radius), angles, self.mode))
+            return self.from_units(scaled_unit(self.effective_radius(radius), angles, self.mode))
 
     def right_inverse(self, weight: Tensor) -> Tuple[Tensor, Tensor]:
         # Note [Assigning the weight]
@@ -207,6 +208,14 @@ def unit_coordinates(units: Tensor) -> Tuple[Tensor, Tensor]:
     return to_hyperspherical(units)
 
 
+def unit_radius(units: Tensor) -> Tensor:
+    """``‖row‖`` of a ``(units, fan_in)`` matrix in one pass (the checks before registration need
+    no angles); shape only for a meta tensor."""
+    if units.is_meta:
+        return units.new_empty(units.shape[:1])
+    return row_norms(units)
+
+
 def _check_assigned(value, like: Tensor, what: str) -> None:
     """An assigned weight/bias must be a tensor of the stored coordinates' dtype and device."""
     if not isinstance(value, Tensor):
@@ -225,7 +234,8 @@ def _check_weight_values(t: Tensor, what: str) -> None:
         raise ValueError(f"{what} must not be empty. Got: shape {tuple(t.shape)}")
     if t.is_meta:  # Note [Meta tensors]: no values to check
         return
-    if not bool(torch.isfinite(t).all()):
+    lo, hi = torch.aminmax(t.detach())  # one pass; NaN and ±inf show in the extremes
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         bad = (~torch.isfinite(t)).sum().item()
         raise ValueError(f"{what} must be finite. Got: {bad} NaN/Inf entries")
 
