@@ -38,7 +38,15 @@ import torch
 from torch import nn
 
 import georeparam
-from georeparam.coords import _unit, latitude_to_polar, to_hyperspherical
+try:
+    from georeparam._fused import kernel_status, scaled_unit, unit
+except ImportError:  # an older checkout (before georeparam._fused), for before/after tables
+    from georeparam.coords import _scaled_unit as scaled_unit
+    from georeparam.coords import _unit as unit
+
+    def kernel_status() -> str:
+        return "none (this checkout predates georeparam._fused)"
+from georeparam.coords import latitude_to_polar, to_hyperspherical
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +155,48 @@ def vgg(channels: Sequence[int], in_ch: int = 3, classes: int = 10) -> nn.Module
     return nn.Sequential(*layers)
 
 
+class Block(nn.Module):
+    """A transformer encoder block (pre-norm, GELU MLP) with a mean-pooled linear head."""
+
+    def __init__(self, d: int, heads: int, ff: int, classes: int = 10):
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True, norm_first=True)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x).mean(dim=1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + (x if self.down is None else self.down(x)))
+
+
+def resnet18(width: int = 64, classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 layout (7×7 stem, max-pool, 2-2-2-2 basic blocks) written out here,
+    so that no torchvision is needed."""
+    w = [width, 2 * width, 4 * width, 8 * width]
+    layers: List[nn.Module] = [nn.Conv2d(3, w[0], 7, 2, 3, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    cin = w[0]
+    for i, c in enumerate(w):
+        layers += [BasicBlock(cin, c, 1 if i == 0 else 2), BasicBlock(c, c, 1)]
+        cin = c
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+    return nn.Sequential(*layers)
+
+
 def variant(make: Callable[[], nn.Module], kind: str) -> nn.Module:
     torch.manual_seed(0)
     model = make()
@@ -187,42 +237,80 @@ def fmt(x: Optional[float], digits: int = 2) -> str:
 
 
 def transform_row(units: int, fan_in: int, repeats: int, warmup: int) -> List[str]:
+    """The map ``(r, angles) → w`` forward and backward (what a training step runs), over weight
+    norm's computation on the same shape; the third column is the plain autograd formula."""
     torch.manual_seed(0)
-    _, lat = to_hyperspherical(torch.randn(units, fan_in))
+    radius, lat = to_hyperspherical(torch.randn(units, fan_in))
     theta = latitude_to_polar(lat.double()).float()
     grad = torch.randn(units, fan_in)
     v = torch.randn(units, fan_in)
     g = v.norm(dim=1, keepdim=True)
 
-    def fwd_bwd(fn, a):
+    def gmp(mode):
         def run():
-            leaf = a.detach().requires_grad_()
-            fn(leaf).backward(grad)
+            r, a = radius.detach().requires_grad_(), lat.detach().requires_grad_()
+            scaled_unit(r, a, mode).backward(grad)
 
         return run
+
+    def plain():
+        r, th = radius.detach().requires_grad_(), theta.detach().requires_grad_()
+        (r.unsqueeze(-1) * plain_unit(th)).backward(grad)
 
     def wn():
         vv, gg = v.detach().requires_grad_(), g.detach().requires_grad_()
         torch._weight_norm(vv, gg, 0).backward(grad)
 
-    t = interleaved(
-        {
-            "plain": fwd_bwd(plain_unit, theta),
-            "exact": fwd_bwd(lambda a: _unit(a, "exact"), lat),
-            "fast": fwd_bwd(lambda a: _unit(a, "fast"), lat),
-            "wn": wn,
-        },
-        repeats,
-        warmup,
-    )
+    t = interleaved({"wn": wn, "exact": gmp("exact"), "fast": gmp("fast"), "plain": plain}, repeats, warmup)
     return [
-        "transform fwd+bwd / plain formula",
+        "transform fwd+bwd / weight norm (3rd column: plain formula)",
         f"{units}×{fan_in}",
-        ratio(t, "exact", "plain"),
-        ratio(t, "fast", "plain"),
-        ratio(t, "wn", "plain"),
-        f"{statistics.median(t['plain']) * 1e3:.1f} ms",
-        "exact ≤ 1.0, fast ≤ 0.5" if (units, fan_in) in ((1000, 2048), (512, 4608)) else "",
+        ratio(t, "exact", "wn"),
+        ratio(t, "fast", "wn"),
+        ratio(t, "plain", "wn"),
+        f"{statistics.median(t['wn']) * 1e3:.2f} ms",
+        "exact ≤ 2.5",
+    ]
+
+
+def register_row(sizes: Sequence[int], repeats: int) -> List[str]:
+    """``georeparam.register`` on an MLP of these sizes, nanoseconds per parameter (best of the rounds)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = mlp(sizes)
+    params = sum(p.numel() for p in model.parameters())
+    times = []
+    for _ in range(max(1, repeats)):
+        m = copy.deepcopy(model)
+        t0 = CLOCK()
+        georeparam.register(m)
+        times.append(CLOCK() - t0)
+    best = min(times)
+    return [
+        f"register, ns per parameter (MLP {'-'.join(map(str, sizes))})",
+        f"{params / 1e6:.1f} M params",
+        f"{best / params * 1e9:.1f}",
+        "–",
+        "–",
+        f"{best * 1e3:.0f} ms",
+        "≤ 15",
+    ]
+
+
+def step_row(name: str, make: Callable[[], nn.Module], x: torch.Tensor, classes: int, repeats: int, warmup: int, target: str) -> List[str]:
+    """Only the training-step row (the larger models)."""
+    y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    steps = {k: step_fn(variant(make, k), x, y) for k in ("standard", "exact", "fast", "wn")}
+    t = interleaved(steps, repeats, warmup)
+    return [
+        f"training step / standard ({name})",
+        f"batch {x.shape[0]}",
+        ratio(t, "exact", "standard"),
+        ratio(t, "fast", "standard"),
+        ratio(t, "wn", "standard"),
+        f"{statistics.median(t['standard']) * 1e3:.1f} ms",
+        target,
     ]
 
 
@@ -312,12 +400,12 @@ def precision_table(quick: bool) -> int:
         lat = lat.float()
         g = torch.randn(16, n, dtype=torch.float64, generator=gen)
         a64 = lat.double().requires_grad_()
-        ref = _unit(a64)
+        ref = unit(a64)
         ref.backward(g)
         cells = {}
         for mode in ("exact", "fast"):
             a = lat.clone().requires_grad_()
-            u = _unit(a, mode)
+            u = scaled_unit(torch.ones(16), a, mode)  # what training runs (the kernel where built)
             u.backward(g.float())
             cells[mode] = (err(u, ref.detach()), err(a.grad, a64.grad))
         # the plain formula on the same directions, stored as float32 polar angles (as it is used)
@@ -363,7 +451,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default 2, quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 21, quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 3, quick 1)")
-    p.add_argument("--only", choices=["transform", "mlp", "cnn"], action="append", help="run only these parts")
+    p.add_argument(
+        "--only",
+        choices=["transform", "mlp", "cnn", "transformer", "resnet", "register"],
+        action="append",
+        help="run only these parts",
+    )
     p.add_argument(
         "--profile",
         choices=["mlp", "cnn"],
@@ -395,10 +488,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sizes = [(16, 64), (8, 300)]
         mlp_sizes, mlp_batch = (64, 32, 32, 10), 8
         cnn_channels, cnn_batch, side = (4, 8, 8), 4, 8
+        tf = dict(d=16, heads=2, ff=32, seq=8, batch=2)
+        rn_width, rn_side, rn_batches = 4, 16, (2,)
+        reg_sizes = (64, 64, 64)
     else:
         sizes = [(128, 784), (1000, 2048), (512, 4608)]
         mlp_sizes, mlp_batch = (784, 1024, 1024, 10), 256
         cnn_channels, cnn_batch, side = (32, 64, 128), 64, 32
+        tf = dict(d=256, heads=8, ff=1024, seq=128, batch=8)
+        rn_width, rn_side, rn_batches = 64, 64, (32, 2)
+        reg_sizes = (2048, 2048, 2048)
     if args.large:
         sizes.append((4096, 25088))
 
@@ -409,7 +508,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     t0 = time.perf_counter()
     rows: List[List[str]] = []
-    parts = set(args.only or ["transform", "mlp", "cnn"])
+    parts = set(args.only or ["transform", "mlp", "cnn", "transformer", "resnet", "register"])
     if "transform" not in parts:
         sizes = []
     for units, fan_in in sizes:
@@ -420,10 +519,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     x_cnn = torch.randn(cnn_batch, 3, side, side, generator=gen)
     if "mlp" in parts:
         name = f"MLP {'-'.join(map(str, mlp_sizes))}"
-        rows += model_rows(name, lambda: mlp(mlp_sizes), x_mlp, mlp_sizes[-1], repeats, warmup, "fast ≤ 1.5")
+        rows += model_rows(name, lambda: mlp(mlp_sizes), x_mlp, mlp_sizes[-1], repeats, warmup, "exact ≤ 1.3")
     if "cnn" in parts:
         name = f"CNN {'-'.join(map(str, cnn_channels))}"
-        rows += model_rows(name, lambda: vgg(cnn_channels), x_cnn, 10, repeats, warmup, "≤ 1.05")
+        rows += model_rows(name, lambda: vgg(cnn_channels), x_cnn, 10, repeats, warmup, "≤ 1.03")
+    if "transformer" in parts:
+        x_tf = torch.randn(tf["batch"], tf["seq"], tf["d"], generator=gen)
+        name = f"transformer block d {tf['d']}, feed-forward {tf['ff']}, seq {tf['seq']}"
+        rows.append(step_row(name, lambda: Block(tf["d"], tf["heads"], tf["ff"]), x_tf, 10, repeats, warmup, "≤ 1.15"))
+    if "resnet" in parts:
+        for b in rn_batches:
+            x_rn = torch.randn(b, 3, rn_side, rn_side, generator=gen)
+            name = f"ResNet-18 width {rn_width} at {rn_side}×{rn_side}"
+            target = "≤ 1.2" if b >= 32 else "≤ 2.5"
+            rows.append(step_row(name, lambda: resnet18(rn_width), x_rn, 10, max(3, repeats // 2), min(warmup, 2), target))
+    if "register" in parts:
+        rows.append(register_row(reg_sizes, 3))
 
     header = ["measurement", "size", "GmP exact", "GmP fast", "weight norm", "baseline", "target"]
     print(f"| {' | '.join(header)} |")
@@ -433,7 +544,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(
         f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, "
         f"median [quartiles] of {repeats} interleaved repeats (3 for transforms of ≥ 10⁷ elements) "
-        f"after {warmup} warm-up; {time.perf_counter() - t0:.0f} s"
+        f"after {warmup} warm-up (ResNet rows: half the repeats); {time.perf_counter() - t0:.0f} s; "
+        f"kernel: {kernel_status()}"
     )
     return 0
 

@@ -1,7 +1,8 @@
-"""benchmarks/speed.py runs end to end at toy size and prints its one table (no timing claims)."""
+"""benchmarks/speed.py and benchmarks/gpu_check.py run end to end at toy size (no timing claims)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from conftest import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "benchmarks" / "speed.py"
+GPU_CHECK = REPO_ROOT / "benchmarks" / "gpu_check.py"
 
 
 def test_quick_run_prints_one_complete_table():
@@ -30,6 +32,10 @@ def test_quick_run_prints_one_complete_table():
     for model in ("MLP", "CNN"):
         for what in ("training step", "inference after remove()", "inference, GmP registered", "extra peak memory"):
             assert sum(k.startswith(what) and model in k for k in kinds) == 1, (what, model)
+    for model in ("transformer block", "ResNet-18"):
+        assert sum(k.startswith("training step") and model in k for k in kinds) == 1, model
+    assert sum(k.startswith("register, ns per parameter") for k in kinds) == 1
+    assert "kernel:" in proc.stdout  # says whether the compiled kernel ran
     for r in rows:
         for cell in r[2:5]:
             if cell != "–":
@@ -37,3 +43,28 @@ def test_quick_run_prints_one_complete_table():
                 assert math.isfinite(v)
                 if not r[0].startswith("extra peak memory"):
                     assert v > 0
+
+
+def test_gpu_check_runs_on_cpu_at_toy_size(tmp_path):
+    """The GPU script's dry run: every section completes and lands in one JSON."""
+    out = tmp_path / "check.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(GPU_CHECK), "--device", "cpu", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    sections = report["sections"]
+    assert set(sections) == {"registration", "trajectories", "step_ratios", "map_cost"}
+    assert all("error" not in s for s in sections.values())
+    assert sections["registration"]["pass"] and sections["trajectories"]["pass"]
+    for model in ("mlp", "cnn", "transformer"):
+        assert math.isfinite(sections["step_ratios"][model]["exact_over_standard"])
+    for shape in (v for v in sections["map_cost"].values() if isinstance(v, dict)):
+        # the three float32 maps are all within 1e-6 of float64 (exact-mode precision)
+        assert all(e <= 1e-6 for e in shape["fp32_row_rel_err_vs_fp64"].values())
