@@ -22,7 +22,7 @@ from .stale import retire, unretire
 from ._fused import check_mode
 from .coords import to_hyperspherical
 from .layouts import SUPPORTED, entry_of, is_supported, layout_of, supported_names, weight_names
-from .parametrization import _Geometric, _GeometricBias, _check_radius, _check_weight_values, offset_from, unit_radius
+from .parametrization import _Geometric, _GeometricBias, check_radius, check_weight_values, offset_from, unit_radius
 from .report import LayerReport, Report
 
 __all__ = ["geometric", "register", "remove", "is_geometric", "geometry", "Geometry", "SUPPORTED", "FORMS"]
@@ -66,7 +66,6 @@ def geometric_layers(model: nn.Module) -> List[Tuple[str, nn.Module, str, _Geome
     return [(q, m, w, p) for q, m in model.named_modules() for w, p in _geometric_entries(m)]
 
 
-_geometric_layers = geometric_layers  # the old private name (init, optim)
 
 
 def is_geometric(module: nn.Module) -> bool:
@@ -117,7 +116,8 @@ def geometry(module: nn.Module, name: Optional[str] = None) -> Geometry:
 # -------------------------------------------------------------------------------------------------
 
 
-def _describe(module: nn.Module) -> str:
+def describe(module: nn.Module) -> str:
+    """The class name a layer had before parametrization (``Linear``, not ``ParametrizedLinear``)."""
     return parametrize.type_before_parametrizations(module).__name__
 
 
@@ -126,7 +126,7 @@ def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> T
     if not isinstance(module, nn.Module):
         raise TypeError(f"geometric expects an nn.Module. Got: {type(module).__name__}")
     check_mode(mode)
-    what = _describe(module)
+    what = describe(module)
     if not is_supported(module):
         raise TypeError(f"geometric supports {supported_names()} and their subclasses. Got: {what}")
     if is_geometric(module):
@@ -145,12 +145,12 @@ def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> T
         )
     if weight.dim() < 2:
         raise ValueError(f"{what}.{name} must have at least 2 dimensions. Got: shape {tuple(weight.shape)}")
-    _check_weight_values(weight, f"{what}.{name}")
+    check_weight_values(weight, f"{what}.{name}")
     layout = _layout(module, weight)
     with torch.no_grad():
         radius = unit_radius(layout.to_units(weight.detach()))  # the angles come later, in right_inverse
     # finite entries can still have a row norm that overflows the dtype (r = inf)
-    _check_radius(radius, f"{what}.{name}")
+    check_radius(radius, f"{what}.{name}")
     b = None
     if bias is not None:
         if bias in module._parameters and module._parameters[bias] is not None:
@@ -163,7 +163,7 @@ def _validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> T
             raise ValueError(f"{what}.{bias} is already parametrized. Got: {module.parametrizations[bias]!r}")
         if b.dtype != weight.dtype:
             raise TypeError(f"{what}.{bias} must have the weight's dtype {weight.dtype}. Got: {b.dtype}")
-        _check_weight_values(b, f"{what}.{bias}")
+        check_weight_values(b, f"{what}.{bias}")
         if b.shape != (layout.units,):
             raise ValueError(f"{what}.{bias} must have shape ({layout.units},), one per unit. Got: {tuple(b.shape)}")
         with torch.no_grad():
@@ -237,7 +237,7 @@ def _refuse_pickle(self):
         f"model.state_dict() (torch.save(model.state_dict(), path); load it with "
         f"model.load_state_dict into a model registered the same way) or call "
         f"georeparam.remove(model) first, which bakes w and b back into plain layers that pickle. "
-        f"Got: a {_describe(self)} with the parametrizations {list(self.parametrizations.keys())}"
+        f"Got: a {describe(self)} with the parametrizations {list(self.parametrizations.keys())}"
     )
 
 
@@ -268,7 +268,7 @@ def _register_validated(module: nn.Module, name: str, bias: Optional[str], mode:
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         module._parameters[name] = original_weight
         raise
-    retire((p, f"{_describe(module)}.{n} (replaced by register)") for p, n in ((original_weight, name), (original_bias, bias)))
+    retire((p, f"{describe(module)}.{n} (replaced by register)") for p, n in ((original_weight, name), (original_bias, bias)))
 
 
 def _memory_format(weight: Tensor) -> torch.memory_format:
@@ -383,7 +383,7 @@ def register(
     for qname, m in modules.items():
         if ".parametrizations." in f".{qname}." or qname.endswith("parametrizations"):
             continue
-        kind = _describe(m)
+        kind = describe(m)
         supported = is_supported(m)
         selected = qname in inc_names or (isinstance(m, inc_types) if include is not None else supported)
         own = {n: p for n, p in m._parameters.items() if p is not None}
@@ -440,7 +440,7 @@ def register(
         if place.sign:
             _entry(m, "weight")[1].sign_hook = _signs.attach(modules, m, "weight", place)
         where = place.where + (" (no IMN: attention or HF Conv1D)" if imn and (qname, m) not in with_imn else "")
-        entries[qname] = LayerReport(qname, _describe(m), place.form, where=where, why=place.why)
+        entries[qname] = LayerReport(qname, describe(m), place.form, where=where, why=place.why)
     for _, m in with_imn:
         _imn.input_mean_norm(m)
     return Report([entries[q] for q in modules if q in entries])
@@ -491,7 +491,7 @@ def _remove_one(module: nn.Module) -> List[Tuple["_signs.SignHook", Tensor]]:
             module._parameters[bname] = nn.Parameter(bias, requires_grad=g.offset.requires_grad or g.radius.requires_grad)
         parametrize.remove_parametrizations(module, wname, leave_parametrized=True)
         module._parameters[wname] = nn.Parameter(weight, requires_grad=g.radius.requires_grad or g.angles.requires_grad)
-        retire((p, f"{_describe(module)}.{wname} {k} (replaced by remove)") for k, p in g._asdict().items())
+        retire((p, f"{describe(module)}.{wname} {k} (replaced by remove)") for k, p in g._asdict().items())
         hid = getattr(param, "_hook_handle_id", None)
         if hid is not None:
             module._load_state_dict_pre_hooks.pop(hid, None)
@@ -540,7 +540,7 @@ def remove(model_or_module: nn.Module) -> nn.Module:
         return model_or_module
     if not targets:
         raise ValueError(
-            f"remove: {_describe(model_or_module)} has no GmP-registered layer. Got: {type(model_or_module).__name__}"
+            f"remove: {describe(model_or_module)} has no GmP-registered layer. Got: {type(model_or_module).__name__}"
         )
     _refuse_sharded(targets)
     pending = signs

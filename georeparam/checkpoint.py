@@ -40,14 +40,14 @@ import torch
 from torch import Tensor, nn
 
 from .coords import to_hyperspherical
-from .parametrization import _Geometric, _check_radius, _check_weight_values, offset_from
+from .parametrization import _Geometric, check_radius, check_weight_values, offset_from
 
 __all__ = ["load_plain_entry"]
 
 
 def _in_model_dtype(value: Tensor, dtype: torch.dtype, key: str) -> Tensor:
     """``value`` as the model will hold it; refuses entries that overflow the model's dtype."""
-    _check_weight_values(value, key)
+    check_weight_values(value, key)
     out = value.detach().to(dtype)
     if not bool(torch.isfinite(out).all()):
         bad = int((~torch.isfinite(out)).sum())
@@ -115,7 +115,7 @@ def load_plain_entry(
                 return
             rows = param.to_units(weight.detach())
             radius, angles = to_hyperspherical(param.to_units(_in_model_dtype(weight, dtype, wkey)))
-            _check_radius(radius, wkey)  # rows whose norm overflows the model's dtype
+            check_radius(radius, wkey)  # rows whose norm overflows the model's dtype
             converted[rkey], converted[akey] = radius, angles
         else:  # a plain bias without its weight: the weight is missing, and kept
             converted[rkey], converted[akey] = plist.original0.detach().clone(), plist.original1.detach().clone()

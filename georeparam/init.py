@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .api import _describe, _geometric_layers, geometry
+from .api import describe, geometric_layers, geometry
 from .coords import to_hyperspherical
 from .parametrization import _Geometric
 
@@ -154,10 +154,10 @@ def init_geometric_(
             raise ValueError(f"init_geometric_: radius must be a positive finite number. Got: {radius!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"init_geometric_: generator must be a torch.Generator. Got: {type(generator).__name__}")
-    targets = _geometric_layers(model_or_module)
+    targets = geometric_layers(model_or_module)
     if not targets:
         raise ValueError(
-            f"init_geometric_: {_describe(model_or_module)} has no GmP-registered layer; call "
+            f"init_geometric_: {describe(model_or_module)} has no GmP-registered layer; call "
             f"georeparam.register (or geometric) first. Got: {type(model_or_module).__name__}"
         )
     # Note [Frozen layers]
@@ -177,7 +177,7 @@ def init_geometric_(
             )
     if not chosen:
         raise ValueError(
-            f"init_geometric_: every GmP layer of {_describe(model_or_module)} is frozen (requires_grad=False), "
+            f"init_geometric_: every GmP layer of {describe(model_or_module)} is frozen (requires_grad=False), "
             f"and frozen layers keep their values. Unfreeze the layers to re-initialise (requires_grad_(True)). "
             f"Got: {len(targets)} frozen layers"
         )

@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .api import _geometric_layers, geometry
+from .api import geometric_layers, geometry
 from .coords import canonical_parts
 
 __all__ = ["param_groups", "GeometricOptimizer", "PARITY"]
@@ -119,7 +119,7 @@ def param_groups(
         raise TypeError(f"param_groups: other must be a dict of optimizer options. Got: {type(other).__name__}")
     if other is not None and "params" in other:
         raise ValueError("param_groups: other sets options of the 'other' group, not its params. Got: a 'params' key")
-    layers = _geometric_layers(model)
+    layers = geometric_layers(model)
     if not layers:
         raise _no_layers_error("param_groups", model)
     kinds: Dict[str, List[nn.Parameter]] = {k: [] for k in _GROUPS}
@@ -269,7 +269,7 @@ class GeometricOptimizer(torch.optim.Optimizer):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"GeometricOptimizer: every must be a positive int. Got: {every!r}")
         self.parity = self._parity_for(optimizer, parity)
-        layers = _geometric_layers(model)
+        layers = geometric_layers(model)
         if not layers:
             raise _no_layers_error("GeometricOptimizer", model)
         in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}

@@ -105,10 +105,10 @@ class _Geometric(nn.Module):
             _check_assigned(weight, current, what)
         if tuple(weight.shape) != tuple(self.shape):
             raise ValueError(f"{what} must have shape {tuple(self.shape)}. Got: {tuple(weight.shape)}")
-        _check_weight_values(weight, what)
+        check_weight_values(weight, what)
         with torch.no_grad():
             radius, angles = unit_coordinates(self.to_units(weight))
-            _check_radius(radius, what)
+            check_radius(radius, what)
             if layer is not None:
                 old_radius = layer.parametrizations[self._weight_name].original0
                 if self._bias_name is not None:
@@ -193,7 +193,7 @@ class _GeometricBias(nn.Module):
         _check_assigned(bias, radius, what)
         if tuple(bias.shape) != tuple(radius.shape):  # b = r·λ would broadcast silently
             raise ValueError(f"{what} must have shape {tuple(radius.shape)}, one per unit. Got: {tuple(bias.shape)}")
-        _check_weight_values(bias, what)
+        check_weight_values(bias, what)
         with torch.no_grad():
             return offset_from(bias, radius, what)
 
@@ -227,7 +227,7 @@ def _check_assigned(value, like: Tensor, what: str) -> None:
         )
 
 
-def _check_weight_values(t: Tensor, what: str) -> None:
+def check_weight_values(t: Tensor, what: str) -> None:
     if not t.is_floating_point() or t.is_complex():
         raise TypeError(f"{what} must be a real floating-point tensor. Got: dtype={t.dtype}")
     if t.numel() == 0:
@@ -240,7 +240,7 @@ def _check_weight_values(t: Tensor, what: str) -> None:
         raise ValueError(f"{what} must be finite. Got: {bad} NaN/Inf entries")
 
 
-def _check_radius(radius: Tensor, what: str) -> None:
+def check_radius(radius: Tensor, what: str) -> None:
     """Refuse rows whose norm ``r = ‖w‖`` overflows the dtype (each entry finite, the norm not).
 
     Without this a float32 row of entries near 1e38 became ``r = inf`` and ``w = inf·u``: a
