@@ -37,6 +37,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from .layouts import input_of
+
 __all__ = ["input_mean_norm", "InputMeanNorm", "has_input_mean_norm", "fold_input_mean_norm", "is_foldable"]
 
 _ATTR = "imn"
@@ -110,20 +112,11 @@ def _imn_pre_hook(module: nn.Module, args: Tuple) -> Tuple:
     return (getattr(module, _ATTR)(args[0]),) + tuple(args[1:])
 
 
-def _layout(module: nn.Module) -> Tuple[int, int]:
-    """``(number of input features, dim)`` for a supported layer; raises otherwise."""
-    if isinstance(module, nn.Linear):
-        if isinstance(module.weight, nn.parameter.UninitializedParameter):
-            raise ValueError(f"input_mean_norm: {type(module).__name__} is not initialized yet (lazy module). Got: {module!r}")
-        return module.in_features, -1
-    if isinstance(module, _ConvNd):
-        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-            raise ValueError(f"input_mean_norm: {type(module).__name__} is not initialized yet (lazy module). Got: {module!r}")
-        return module.in_channels, -(len(module.kernel_size) + 1)
-    raise TypeError(
-        f"input_mean_norm supports nn.Linear, nn.ConvNd and nn.ConvTransposeNd (and subclasses). "
-        f"Got: {type(module).__name__}"
-    )
+def _input(module: nn.Module) -> Tuple[int, int]:
+    """``(number of input features, dim)`` (:func:`georeparam.layouts.input_of`); lazy modules refused."""
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        raise ValueError(f"input_mean_norm: {type(module).__name__} is not initialized yet (lazy module). Got: {module!r}")
+    return input_of(module)
 
 
 def has_input_mean_norm(module: nn.Module) -> bool:
@@ -142,7 +135,7 @@ def check_input_mean_norm(module: nn.Module, what: str = "input_mean_norm") -> N
     """Every check of :func:`input_mean_norm`, changing nothing (used by ``register(imn=True)``)."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"{what} expects an nn.Module. Got: {type(module).__name__}")
-    _layout(module)
+    _input(module)
     if has_input_mean_norm(module):
         raise ValueError(f"{what}: {type(module).__name__} already has an input mean normalization. Got: {module.imn!r}")
     if hasattr(module, _ATTR):
@@ -176,7 +169,7 @@ def input_mean_norm(module: nn.Module, momentum: float = 0.1) -> nn.Module:
     """
     check_input_mean_norm(module)
     _check_momentum(momentum)
-    features, dim = _layout(module)
+    features, dim = _input(module)
     ref = module.weight
     norm = InputMeanNorm(features, dim=dim, momentum=momentum, dtype=ref.dtype, device=ref.device)
     module.add_module(_ATTR, norm)

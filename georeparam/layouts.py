@@ -43,7 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["Layout", "Entry", "LAYOUTS", "SUPPORTED", "layout_of", "is_supported", "entry_of", "weight_names", "supported_names"]
+__all__ = ["Layout", "Entry", "LAYOUTS", "SUPPORTED", "layout_of", "is_supported", "entry_of", "weight_names", "supported_names",
+           "input_of"]
 
 
 class Layout:
@@ -197,6 +198,22 @@ def layout_of(module: nn.Module, name: str = "weight", weight: Optional[Tensor] 
     if weight is None:
         weight = getattr(module, name)
     return entry.layout(module, weight)
+
+
+def input_of(module: nn.Module) -> Tuple[int, int]:
+    """``(input features, their dim)`` of a layer's input (what input mean normalization centres).
+
+    ``Linear``: ``(in_features, −1)``; ``ConvNd``/``ConvTransposeNd``: ``(in_channels, −(d + 1))``
+    for ``d`` spatial dims (so unbatched inputs work too). Others raise ``TypeError``.
+    """
+    if isinstance(module, nn.Linear):
+        return module.in_features, -1
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels, -(len(module.kernel_size) + 1)
+    raise TypeError(
+        f"input_mean_norm supports nn.Linear, nn.ConvNd and nn.ConvTransposeNd (and subclasses). "
+        f"Got: {parametrize.type_before_parametrizations(module).__name__}"
+    )
 
 
 def supported_names() -> str:
