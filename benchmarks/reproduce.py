@@ -1,17 +1,16 @@
-"""The paper's experiments, for people who run benchmarks/: the same code as
-``python -m georeparam reproduce NAME`` (see georeparam/experiments/).
+"""Run one of the paper's experiments as its official code runs it (see benchmarks/reproduce/).
 
-    python benchmarks/reproduce.py levy --quick
-    python benchmarks/reproduce.py all --out results        # levy, banana, uci, mnist1d, lr-sweep
-    python benchmarks/reproduce.py imagenet32 --data-dir /data/imagenet32 --device cuda
+    python benchmarks/reproduce.py uci --datasets yacht --quick
+    python benchmarks/reproduce.py banana --out results/banana
+    python benchmarks/reproduce.py --help
 """
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*, georeparam
 
-from georeparam.experiments import main  # noqa: E402
+from benchmarks.reproduce import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,12 +1,19 @@
-"""The reproductions' machinery (georeparam/experiments): the training loop's decisions, the
-methods, the splits, and every experiment's --quick pipeline (table structure, finite metrics —
-not the science)."""
+"""The reproductions (benchmarks/reproduce): the official protocol's pieces checked against
+independent computations, and every experiment's entry point at toy size (``--quick``).
+
+The quick runs check the pipeline (tables, finite metrics, files), not the science. Experiments
+whose data (``$GEOREPARAM_DATA`` or ``<repo>/../shared/data``) are absent are skipped.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import re
+import subprocess
+import sys
+from itertools import product
 
 import numpy as np
 import pytest
@@ -15,11 +22,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from georeparam import is_geometric
-from georeparam.experiments import common as C
-from georeparam.experiments import main
+import georeparam
+from conftest import REPO_ROOT
+
+if str(REPO_ROOT) not in sys.path:  # benchmarks/ is not installed: import it from the checkout
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.reproduce import common as C  # noqa: E402
+from benchmarks.reproduce import main  # noqa: E402
 
 CELL = re.compile(r"^\**(?P<m>-?[0-9.]+(?:e[-+][0-9]+)?) ± (?P<s>[0-9.]+(?:e[-+][0-9]+)?)\**(?: †\d+)?$")
+METHODS = list(C.METHODS)
 
 
 def _data_or_skip(*parts):
@@ -29,11 +42,10 @@ def _data_or_skip(*parts):
     return p
 
 
-def _check_table(text, first_col, expected_rows, metric_cols):
+def _check_table(text, label_col, expected, metric_cols):
     header, rows = C.parse_markdown_table(text)
-    assert [r[first_col] for r in rows] == expected_rows, (header, rows)
+    assert [r[label_col] for r in rows] == expected, (header, rows)
     for r in rows:
-        assert len(r) == len(header)
         for j in metric_cols:
             m = CELL.match(r[j])
             assert m, f"cell {r[j]!r} of {header[j]!r} is not 'mean ± std'"
@@ -42,233 +54,256 @@ def _check_table(text, first_col, expected_rows, metric_cols):
 
 
 # -------------------------------------------------------------------------------------------------
-# Monitor: Keras semantics, checked against hand-worked sequences
+# Keras' callbacks, checked against hand-worked sequences
 # -------------------------------------------------------------------------------------------------
 
 
-def test_monitor_early_stopping_and_plateau_follow_keras():
+def test_plateau_and_early_stopping_follow_keras():
     model = nn.Linear(1, 1)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    mon = C.Monitor("min", patience=4, plateau_patience=2, factor=0.1)
-    values = [3.0, 2.0, 2.0, float("nan"), 2.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    cb = C.KerasCallbacks("min", patience=4, plateau_patience=2, min_delta=0.5)
+    values = [3.0, 2.8, 2.7, 1.0, float("nan"), 0.9, 0.9, 0.95, 0.92]
     stops, lrs = [], []
     for v in values:
         with torch.no_grad():
-            model.weight.fill_(v)  # the snapshot must hold the weights of the best evaluation
-        stops.append(mon.update(v, model, opt))
+            model.weight.fill_(v)
+        stops.append(cb.update(v, model, opt))
         lrs.append(opt.param_groups[0]["lr"])
         if stops[-1]:
             break
-    # best at index 1 (2.0; a tie is no improvement, NaN never improves), then 2.0, nan -> plateau
-    # (lr 0.1), 2.5 (wait 3), 1.0 improves at index 5; four more without improvement -> stop at 9
-    assert mon.best_index == 5 and mon.best == 1.0
-    assert stops == [False] * 9 + [True]
-    assert lrs == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001])
+    # early stopping (strict, no min_delta): bests at 0, 1, 2, 3 (1.0), 5 (0.9); 0.9 ties do not
+    # improve: epochs 6, 7, 8 wait 1..3, no stop yet. Plateau (min_delta 0.5, own counter): 3.0;
+    # 2.8, 2.7 are not 0.5 better -> lr ×0.1 at epoch 2; 1.0 is; nan, 0.9 (not 0.5 better than
+    # 1.0) -> ×0.1 at epoch 5; 0.9, 0.95 -> ×0.1 at epoch 7; 0.92 -> wait 1.
+    assert cb.best_epoch == 5 and cb.best_value == 0.9
+    assert stops == [False] * 9
+    assert lrs == pytest.approx([1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert cb.update(0.91, model, opt)  # the fourth epoch without improvement
     with torch.no_grad():
         model.weight.fill_(42.0)
-    assert mon.restore(model) and model.weight.item() == 1.0
+    assert cb.finish(model) and model.weight.item() == pytest.approx(0.9)
 
 
-def test_monitor_max_mode_and_validation():
-    mon = C.Monitor("max", patience=1)
-    assert not mon.update(0.5) and not mon.update(0.6) and mon.update(0.6)
-    with pytest.raises(ValueError, match="mode"):
-        C.Monitor("best")
+def test_keras2_restores_only_when_it_stopped():
+    model = nn.Linear(1, 1)
+    cb = C.KerasCallbacks("max", patience=3)
+    for v in (0.5, 0.7, 0.6):
+        with torch.no_grad():
+            model.weight.fill_(v)
+        assert not cb.update(v, model)
+    assert not cb.finish(model) and model.weight.item() == pytest.approx(0.6)  # training simply ran out of epochs
+    cb.restore_at_end = True
+    assert cb.finish(model) and model.weight.item() == pytest.approx(0.7)
 
 
-# -------------------------------------------------------------------------------------------------
-# fit
-# -------------------------------------------------------------------------------------------------
-
-
-def _regression(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, generator=g)
-    return x, x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1
-
-
-def test_fit_minibatches_cover_each_epoch_once():
-    x, y = _regression(50)
-    model = nn.Linear(3, 1)
+def test_fit_covers_each_epoch_once_and_keeps_the_best_weights():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
     seen = []
-    # an identity "model" wrapper that records which rows each step sees
-    class Spy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = model
 
+    class Spy(nn.Linear):
         def forward(self, xb):
             seen.append(xb.detach().clone())
-            return self.inner(xb)
+            return super().forward(xb)
 
-    cfg = C.FitConfig(lr=0.01, max_epochs=2, batch_size=16, monitor="train", restore_best=False)
-    res = C.fit(Spy(), (x, y), None, loss_fn=nn.functional.mse_loss, score_fn=None, cfg=cfg)
-    assert res.steps == 2 * math.ceil(50 / 16) and [len(s) for s in seen[:4]] == [16, 16, 16, 2]
+    model = Spy(3, 1, dtype=torch.float64)
+    scores = iter([5.0, 4.0, 1.0, 2.0, 3.0, 3.0, 3.0, 3.0])
+    weights = []
+    cfg = C.FitConfig(lr=0.05, epochs=100, batch_size=16, patience=3)
+    res = C.fit(model, (x, y), loss_fn=nn.functional.mse_loss, cfg=cfg,
+                monitor=lambda m, _: next(scores), on_epoch=lambda e, m: weights.append(m.weight.detach().clone()))
+    assert [len(s) for s in seen[:4]] == [16, 16, 16, 2]  # only training batches reach the model
     epoch1 = torch.cat(seen[:4])
     assert torch.equal(epoch1[torch.argsort(epoch1[:, 0])], x[torch.argsort(x[:, 0])])  # a permutation
-
-
-def test_fit_keeps_the_best_validation_weights_and_stops_early():
-    x, y = _regression()
-    model = nn.Linear(3, 1)
-    scores = iter([5.0, 4.0, 1.0, 2.0, 3.0, 3.0, 3.0])
-    weights = []
-    cfg = C.FitConfig(lr=0.05, max_epochs=100, monitor="val", mode="min", patience=3)
-    res = C.fit(model, (x, y), (x, y), loss_fn=nn.functional.mse_loss, score_fn=lambda m, a, b: next(scores),
-                cfg=cfg, on_eval=lambda e, s, m: weights.append(m.weight.detach().clone()))
     assert res.best_epoch == 3 and res.epochs == 6 and res.stopped_early and res.restored
-    assert torch.equal(model.weight, weights[2]) and not torch.equal(model.weight, weights[-1])
+    assert torch.equal(model.weight, weights[2])
 
 
-def test_fit_flags_divergence():
-    x, y = _regression()
-    model = nn.Linear(3, 1)
-    cfg = C.FitConfig(lr=1e4, max_epochs=50, optimizer="sgd", monitor="train")
-    res = C.fit(model, (x, y), None, loss_fn=nn.functional.mse_loss, score_fn=None, cfg=cfg)
-    assert res.diverged and res.epochs < 50
-
-
-def test_fit_rejects_val_monitor_without_val():
-    with pytest.raises(ValueError, match="validation"):
-        C.fit(nn.Linear(3, 1), _regression(), None, loss_fn=nn.functional.mse_loss, score_fn=None, cfg=C.FitConfig(lr=0.1, max_epochs=1))
+def test_fit_restores_the_best_weights_after_a_nonfinite_loss():
+    x = torch.ones(8, 1, dtype=torch.float64)
+    model = nn.Linear(1, 1, dtype=torch.float64)
+    calls = iter(range(100))
+    # the loss turns NaN at the third step: Keras would wait `patience` NaN epochs, then restore
+    loss = lambda p, t: ((p - t) ** 2).mean() * (float("nan") if next(calls) >= 2 else 1.0)  # noqa: E731
+    res = C.fit(model, (x, x), loss_fn=loss, cfg=C.FitConfig(lr=0.1, epochs=10, patience=5))
+    assert res.nonfinite and res.restored and res.epochs == 3 and torch.isfinite(model.weight).all()
 
 
 # -------------------------------------------------------------------------------------------------
-# methods
+# splits and statistics, against independent references
 # -------------------------------------------------------------------------------------------------
 
 
-def test_methods_build_the_right_models():
-    for method in C.METHODS:
-        if method == "GmP+IMN" and not C.imn_available():
-            continue
-        model = C.build(C.mlp, method, 0, n_in=4, widths=[8, 8], n_out=2)
-        kinds = [type(m).__name__ for m in model]
-        assert ("BatchNorm1d" in kinds) == (method == "BN")
-        hidden, output = [model[0], model[2 + (method == "BN")]], model[-1]
-        assert all(is_geometric(h) == method.startswith("GmP") for h in hidden)
-        assert not is_geometric(output) and "parametrizations" not in dict(output.named_children())
-        if method == "WN":
-            assert all(hasattr(h.parametrizations.weight, "original0") for h in hidden)
-        if method == "GmP+IMN":
-            assert all(hasattr(h, "imn") for h in hidden) and not hasattr(output, "imn")
-    with pytest.raises(ValueError, match="method"):
-        C.build(C.mlp, "LN", 0, n_in=2, widths=[2], n_out=1)
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(5, 3000), seed=st.integers(0, 2**31 - 1))
+def test_split_is_sklearns_train_test_split(n, seed):
+    sklearn = pytest.importorskip("sklearn.model_selection")
+    rows = np.arange(n)
+    ref_train, ref_test = sklearn.train_test_split(rows, test_size=0.2, random_state=seed)
+    train, test = C.train_test_split_indices(n, 0.2, seed)
+    np.testing.assert_array_equal(train, ref_train)
+    np.testing.assert_array_equal(test, ref_test)
 
 
-def test_sp_wn_gmp_start_from_the_same_function():
-    x = torch.randn(32, 5)
-    outs = {m: C.build(C.mlp, m, 3, n_in=5, widths=[16], n_out=1)(x) for m in ("SP", "WN", "GmP")}
-    for m in ("WN", "GmP"):
-        torch.testing.assert_close(outs[m], outs["SP"], rtol=1e-5, atol=1e-6)
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(0, 14), data=st.data())
+def test_sign_test_against_enumeration(n, data):
+    """Two-sided p = P(a fair-coin outcome at least as far from n/2 as the observed one), counted
+    over all 2ⁿ sequences."""
+    wins = data.draw(st.integers(0, n))
+    far = abs(wins - n / 2)
+    count = sum(1 for seq in product((0, 1), repeat=n) if abs(sum(seq) - n / 2) >= far - 1e-12)
+    assert C.sign_test(wins, n - wins) == pytest.approx(count / 2**n if n else 1.0, rel=1e-12)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    if n:
+        assert C.sign_test(wins, n - wins) == pytest.approx(scipy_stats.binomtest(wins, n, 0.5).pvalue, rel=1e-9)
 
 
-@settings(max_examples=12, deadline=None)
-@given(method=st.sampled_from([m for m in C.METHODS]), seed=st.integers(0, 10_000), n_in=st.integers(1, 4))
-def test_folded_model_computes_what_the_model_computes(method, seed, n_in):
-    """effective_affine folds BN running stats and the IMN running mean: checked against the model
-    itself in eval mode, after some training moved every statistic and parameter."""
-    if method == "GmP+IMN" and not C.imn_available():
-        return
-    torch.manual_seed(seed)
-    model = C.build(C.mlp, method, seed, n_in=n_in, widths=[6], n_out=1).double()
-    x = torch.randn(40, n_in, dtype=torch.float64) * 2 + 1
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(5):
-        opt.zero_grad()
-        model(x).pow(2).mean().backward()
-        opt.step()
-    model.eval()
-    torch.testing.assert_close(C.folded_mlp(model)(x), model(x), rtol=1e-9, atol=1e-9)
-    W, b = C.effective_affine(model, 0)
-    points, _ = C.characteristic_points(W, b)
-    torch.testing.assert_close((points * W).sum(1) + b, torch.zeros_like(b), rtol=0, atol=1e-9)  # on the boundary
+def test_paired_wins_counts_nonfinite_as_losses():
+    assert C.paired_wins([1.0, 2.0, float("nan"), 3.0], [2.0, 1.0, 1.0, 3.0]) == (1, 2, 1)
+    assert C.paired_wins([0.9, 0.8], [0.8, 0.8], "max") == (1, 0, 1)
 
 
-def test_paper_lr():
-    assert [C.paper_lr(m) for m in C.METHODS] == [0.01, 0.01, 0.01, 0.1, 0.1]
-
-
-# -------------------------------------------------------------------------------------------------
-# splits: the test part never informs training
-# -------------------------------------------------------------------------------------------------
-
-
-@settings(max_examples=15, deadline=None)
-@given(n=st.integers(30, 400), seed=st.integers(0, 2**31 - 1))
-def test_uci_split_is_a_partition_and_ignores_the_test_rows(n, seed):
-    from georeparam.experiments import uci
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), monitor=st.sampled_from(["val", "test"]))
+def test_uci_split_never_trains_or_monitors_on_test_rows_by_default(seed, monitor):
+    from benchmarks.reproduce import uci
 
     rng = np.random.default_rng(seed)
-    X, y = rng.normal(size=(n, 3)) * 5 + 2, rng.normal(size=n) * 3 + 7
-    s = uci.make_split(X, y, seed)
-    fit_idx, val_idx, test_idx = s["idx"]
-    assert len(set(fit_idx) | set(val_idx) | set(test_idx)) == n
-    assert len(fit_idx) + len(val_idx) + len(test_idx) == n
-    assert abs(len(test_idx) - round(0.1 * n)) <= 1
-    # scaled with the training part's statistics: recompute them independently
-    train = np.concatenate([fit_idx, val_idx])
-    np.testing.assert_allclose(s["train"][0], (X[fit_idx] - X[train].mean(0)) / X[train].std(0))
-    assert s["y_mean"] == pytest.approx(y[train].mean()) and s["y_std"] == pytest.approx(y[train].std())
-    # changing the test rows changes nothing the training sees
-    X2, y2 = X.copy(), y.copy()
-    X2[test_idx] += 1e3
-    y2[test_idx] -= 1e3
-    s2 = uci.make_split(X2, y2, seed)
-    for k in ("train", "val"):
-        np.testing.assert_array_equal(s2[k][0], s[k][0])
-        np.testing.assert_array_equal(s2[k][1], s[k][1])
+    X, y = rng.normal(size=(200, 3)) * 5 + 2, rng.normal(size=200) * 3 + 7
+    s = uci.make_split(X, y, seed, monitor=monitor, targets="standardized")
+    fit, mon, test = s["idx"]
+    train, ref_test = C.train_test_split_indices(200, 0.2, seed)
+    np.testing.assert_array_equal(test, ref_test)
+    if monitor == "val":
+        assert sorted(np.concatenate([fit, mon])) == sorted(train) and not set(mon) & set(test)
+    else:
+        np.testing.assert_array_equal(fit, train)
+        np.testing.assert_array_equal(mon, test)
+    # features and (sensitivity) targets scaled with the training part's statistics only
+    np.testing.assert_allclose(s["fit"][0], (X[fit] - X[train].mean(0)) / X[train].std(0))
+    np.testing.assert_allclose(s["test"][1], y[test])  # test targets stay in original units
+    assert s["y_std"] == pytest.approx(y[train].std())
 
 
-def test_banana_split_is_disjoint():
-    from georeparam.experiments import banana
+def test_banana_and_levy_draw_as_the_notebooks():
+    from benchmarks.reproduce import banana, levy
 
-    rng = np.random.default_rng(0)
-    data = np.column_stack([rng.normal(size=(500, 2)), rng.choice([-1.0, 1.0], size=500)])
-    s = banana.make_split(data, 0, n_points=200)
-    fit_idx, val_idx, test_idx = s["idx"]
-    assert (len(fit_idx), len(val_idx), len(test_idx)) == (128, 32, 40)
-    assert not (set(fit_idx) & set(val_idx)) and not (set(fit_idx) & set(test_idx)) and not (set(val_idx) & set(test_idx))
-    assert set(np.unique(s["train"][1])) <= {0.0, 1.0}
-
-
-def test_levy_function_reference_values():
-    from georeparam.experiments.levy import levy
-
-    # minimum at x = 1; at x = −3: w = 0, f = sin²(0) + (−1)²(1 + sin²(0)) = 1
-    np.testing.assert_allclose(levy(np.array([1.0, -3.0])), [0.0, 1.0], atol=1e-15)
+    np.random.seed(3)  # the notebooks: global seed, then np.random.choice / uniform / normal
+    idx = np.random.choice(5300, size=1000, replace=False)
+    np.random.seed(3)
+    xs = np.random.uniform(low=-10.0, high=10.0, size=[50, 1])
+    data = np.column_stack([np.arange(5300.0), np.arange(5300.0) * 2, np.where(np.arange(5300) % 2, 1.0, -1.0)])
+    s = banana.make_split(data, 3, monitor="test")
+    drawn = np.sort(np.concatenate([s["fit"][0][:, 0], s["test"][0][:, 0]]))
+    x_train = data[idx][C.train_test_split_indices(1000, 0.2, 3)[0], 0]
+    np.testing.assert_allclose(drawn, np.sort((data[idx, 0] - x_train.mean()) / x_train.std()))
+    x, y, grid, truth = levy.make_data(3)
+    np.testing.assert_array_equal(x, xs)
+    assert grid.shape == (201, 1) and grid[0, 0] == -10.0 and grid[-1, 0] == pytest.approx(10.0)
 
 
 # -------------------------------------------------------------------------------------------------
-# the --quick pipelines
+# the methods start as the official layers do
 # -------------------------------------------------------------------------------------------------
 
 
-def _methods():
-    return [m for m in C.METHODS if m != "GmP+IMN" or C.imn_available()]
+@pytest.mark.parametrize("n_in", [1, 7])
+def test_methods_start_from_the_same_glorot_function(n_in):
+    x = torch.randn(64, n_in, dtype=torch.float64)
+    sp = C.mlp("SP", n_in, [20], 1, seed=5)
+    a = math.sqrt(6 / (n_in + 20))
+    assert sp[0].weight.abs().max() <= a and bool((sp[0].bias == 0).all()) and bool((sp[2].bias == 0).all())
+    assert sp[0].weight.dtype == torch.float64
+    for method in METHODS:
+        model = C.mlp(method, n_in, [20], 1, seed=5)
+        if method == "BN":
+            bn = model[1]
+            assert (bn.momentum, bn.eps) == (pytest.approx(0.01), 1e-3)
+            continue
+        model.eval()
+        torch.testing.assert_close(model(x), sp.eval()(x), rtol=1e-12, atol=1e-12)
+        if method.startswith("GmP"):
+            g = georeparam.geometry(model[0])
+            assert bool((g.offset == 0).all())
+            torch.testing.assert_close(g.radius.abs(), sp[0].weight.norm(dim=1), rtol=1e-12, atol=0)
+        if method == "WN":
+            assert hasattr(model[2].parametrizations.weight, "original0")  # WN on both layers
 
 
-def test_levy_quick(tmp_path):
+def test_levy_gmp_is_the_official_1d_unit():
+    """Levy's GmP row against the notebook's formula ``r·ReLU(s·x + λ)`` (``s = sign(w₀)`` frozen,
+    ``r = |w₀|``, ``λ = 0``), written here from the formula and trained side by side: Adam at lr 0.1
+    for 300 steps, float64. It starts as SP's function and its radii do cross zero."""
+    from benchmarks.reproduce import levy
+
+    x = torch.linspace(-10, 10, 50, dtype=torch.float64).reshape(-1, 1)
+    y = torch.sin(x)
+    model = levy.build("GmP", seed=2)
+    sp = levy.build("SP", seed=2)
+    torch.testing.assert_close(model(x), sp(x), rtol=1e-12, atol=1e-12)
+    w0 = sp[0].weight.detach()[:, 0]
+    s = torch.sign(w0)
+    r = nn.Parameter(w0.abs().clone())
+    lam = nn.Parameter(torch.zeros_like(w0))
+    head_w = nn.Parameter(sp[2].weight.detach().clone())
+    head_b = nn.Parameter(sp[2].bias.detach().clone())
+
+    def official(inp):
+        return (r * torch.relu(s * inp + lam)) @ head_w.T + head_b
+
+    opt_m = torch.optim.Adam(model.parameters(), lr=0.1, eps=1e-7)
+    opt_r = torch.optim.Adam([r, lam, head_w, head_b], lr=0.1, eps=1e-7)
+    crossed = torch.zeros_like(w0, dtype=torch.bool)
+    for _ in range(300):
+        for opt, f in ((opt_m, model), (opt_r, official)):
+            opt.zero_grad()
+            (f(x) - y).abs().mean().backward()
+            opt.step()
+        crossed |= r.detach() < 0
+    assert crossed.any(), "no radius crossed zero: the test would not tell the forms apart"
+    torch.testing.assert_close(model(x), official(x), rtol=1e-9, atol=1e-12)
+    assert torch.equal(model[0].direction, s)  # frozen
+    torch.testing.assert_close(torch.as_tensor(levy.points_1d(model)), -s * lam.detach(), rtol=1e-9, atol=1e-12)
+
+
+# -------------------------------------------------------------------------------------------------
+# the entry points at toy size
+# -------------------------------------------------------------------------------------------------
+
+
+def test_reproduce_script_runs_levy_quick(tmp_path):
     pytest.importorskip("matplotlib")
-    assert main(["levy", "--quick", "--seeds", "1", "--out", str(tmp_path), "--quiet"]) == 0
-    _check_table((tmp_path / "levy.md").read_text(), 0, _methods(), [2, 3])
-    assert (tmp_path / "levy_points.png").stat().st_size > 0 and (tmp_path / "levy.json").exists()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    from benchmarks.reproduce import levy
+
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "reproduce.py"), "levy", "--quick", "--draw", "official",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "levy" in proc.stderr  # the progress bar
+    md = (tmp_path / "levy.md").read_text()
+    _check_table(md, 0, [levy.LABELS[m] for m in levy.METHODS], [2, 3])
+    assert (tmp_path / "levy_points.png").stat().st_size < 200_000 and (tmp_path / "levy.json").exists()
+
+
+def test_uci_quick(tmp_path):
+    _data_or_skip("uci", "yacht", "data.txt")
+    assert main(["uci", "--quick", "--methods", ",".join(METHODS), "--out", str(tmp_path), "--quiet"]) == 0
+    md = (tmp_path / "uci.md").read_text()
+    header, _ = _check_table(md, 0, [C.LABELS[m] for m in METHODS], [2])
+    assert header[2] == "yacht" and "Paired wins against SP" in md and (tmp_path / "uci_rmse.png").exists()
 
 
 def test_banana_quick(tmp_path):
     pytest.importorskip("matplotlib")
     _data_or_skip("banana", "banana.csv")
-    assert main(["banana", "--quick", "--seeds", "1", "--out", str(tmp_path), "--quiet"]) == 0
-    header, rows = _check_table((tmp_path / "banana.md").read_text(), 0, _methods(), [2, 3])
+    assert main(["banana", "--quick", "--methods", ",".join(METHODS), "--out", str(tmp_path), "--quiet", "--monitor", "test"]) == 0
+    md = (tmp_path / "banana.md").read_text()
+    _, rows = _check_table(md, 0, [C.LABELS[m] for m in METHODS], [2])
     assert all(0.0 <= float(CELL.match(r[2])["m"]) <= 1.0 for r in rows)
+    assert "test split (the notebook; optimistic)" in md and "Per-seed draws" in md
     assert (tmp_path / "banana_boundaries.png").stat().st_size < 200_000
-
-
-def test_uci_quick(tmp_path):
-    _data_or_skip("uci", "yacht", "data.txt")
-    assert main(["uci", "--quick", "--seeds", "2", "--out", str(tmp_path), "--quiet", "--no-plots"]) == 0
-    header, _ = _check_table((tmp_path / "uci.md").read_text(), 0, _methods(), [2])
-    assert header[2].startswith("yacht")
 
 
 def test_missing_data_skips_cleanly(tmp_path, capsys):
@@ -278,76 +313,80 @@ def test_missing_data_skips_cleanly(tmp_path, capsys):
 
 def test_mnist1d_quick(tmp_path):
     pytest.importorskip("mnist1d")
-    assert main(["mnist1d", "--quick", "--seeds", "1", "--out", str(tmp_path), "--quiet", "--no-plots"]) == 0
-    header, rows = _check_table((tmp_path / "mnist1d.md").read_text(), 1, _methods() * 2, [3])
-    assert [r[0] for r in rows] == ["mlp"] * len(_methods()) + ["cnn"] * len(_methods())
+    assert main(["mnist1d", "--quick", "--methods", ",".join(METHODS), "--out", str(tmp_path), "--quiet"]) == 0
+    _, rows = _check_table((tmp_path / "mnist1d.md").read_text(), 1, [C.LABELS[m] for m in METHODS] * 2, [3])
+    assert [r[0] for r in rows] == ["mlp"] * len(METHODS) + ["cnn"] * len(METHODS)
 
 
 def test_lr_sweep_quick(tmp_path):
     pytest.importorskip("mnist1d")
     pytest.importorskip("matplotlib")
-    assert main(["lr-sweep", "--quick", "--tasks", "mnist1d", "--methods", "SP,GmP", "--out", str(tmp_path), "--quiet"]) == 0
+    methods = ["SP", "GmP"]
+    assert main(["lr-sweep", "--quick", "--tasks", "mnist1d", "--methods", ",".join(methods), "--out", str(tmp_path), "--quiet"]) == 0
     header, rows = C.parse_markdown_table((tmp_path / "lr-sweep.md").read_text())
-    assert header[1:] == ["0.001", "0.1", "1"] and [r[0] for r in rows] == ["SP", "GmP"]
-    for r in rows:
-        for c in r[1:]:
-            assert CELL.match(c) or c == "diverged", c
-    assert (tmp_path / "lr_sweep.png").exists()
+    assert header[1:] == ["0.001", "0.1", "1"] and [r[0] for r in rows] == [C.LABELS[m] for m in methods]
+    assert all(CELL.match(c) or c == "diverged" for r in rows for c in r[1:])
 
 
-# -------------------------------------------------------------------------------------------------
-# imagenet32: the file format and a toy-size run
-# -------------------------------------------------------------------------------------------------
-
-
-def test_imagenet32_batches_round_trip(tmp_path):
-    from georeparam.experiments import imagenet32 as I
-
-    x, y = I.make_synthetic(40, 7, 0)
-    xt, yt = I.make_synthetic(10, 7, 1)
-    I.write_batches(tmp_path, x, y, xt, yt, n_batches=3)
-    raw = np.load(tmp_path / "train_data_batch_1.npz")
-    assert raw["data"].shape[1] == 3072 and raw["labels"].min() >= 1  # the standard, 1-based layout
-    x2, y2, xt2, yt2 = I.load_imagenet32(tmp_path)
-    np.testing.assert_array_equal(x2, x)
-    np.testing.assert_array_equal(y2, y)
-    np.testing.assert_array_equal(xt2, xt)
-    # the original pickled files (no extension) load too; 0-based labels are refused
-    with open(tmp_path / "val_data", "wb") as f:
-        pickle.dump({"data": xt.reshape(10, -1), "labels": list(yt + 1)}, f)
-    xp, yp = I.load_batch(tmp_path / "val_data")
-    np.testing.assert_array_equal(yp, yt)
-    np.savez(tmp_path / "bad.npz", data=x.reshape(40, -1), labels=y)
-    if y.min() == 0:
-        with pytest.raises(ValueError, match="1-based"):
-            I.load_batch(tmp_path / "bad.npz")
-
-
-def test_imagenet32_quick_on_files(tmp_path):
-    from georeparam.experiments import imagenet32 as I
+def test_imagenet32_files_round_trip_and_quick_run(tmp_path):
+    from benchmarks.reproduce import imagenet32 as I
 
     x, y = I.make_synthetic(160, 10, 0)
     xt, yt = I.make_synthetic(40, 10, 1)
     I.write_batches(tmp_path / "data", x, y, xt, yt, n_batches=2)
-    argv = ["imagenet32", "--quick", "--data-dir", str(tmp_path / "data"), "--num-classes", "10", "--epochs", "1",
-            "--max-train", "160", "--val-size", "32", "--methods", ",".join(_methods()), "--seeds", "1", "--out", str(tmp_path / "o"),
-            "--quiet", "--no-plots"]
+    x2, y2, xt2, yt2 = I.load_imagenet32(tmp_path / "data")
+    np.testing.assert_array_equal(x2, x)
+    np.testing.assert_array_equal(yt2, yt)
+    with open(tmp_path / "val_data", "wb") as f:  # the original pickled layout loads too
+        pickle.dump({"data": xt.reshape(40, -1), "labels": list(yt + 1)}, f)
+    np.testing.assert_array_equal(I.load_batch(tmp_path / "val_data")[1], yt)
+    methods = [m for m in I.METHODS if m in METHODS]
+    argv = ["imagenet32", "--quick", "--data-dir", str(tmp_path / "data"), "--num-classes", "10", "--val-size", "32",
+            "--methods", ",".join(methods), "--out", str(tmp_path / "o"), "--quiet", "--no-plots", "--device", "cpu"]
     assert main(argv) == 0
-    header, rows = _check_table((tmp_path / "o" / "imagenet32.md").read_text(), 0, _methods(), [2, 3])
+    _check_table((tmp_path / "o" / "imagenet32.md").read_text(), 0, [C.LABELS[m] for m in methods], [2, 3])
 
 
-def test_cli_reports_bad_arguments():
+@pytest.mark.parametrize("name", ["common", "tables", "levy", "imagenet32"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"benchmarks.reproduce.{name}")
+    result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit, match="methods"):
         main(["levy", "--methods", "SP,LN", "--quick"])
     with pytest.raises(ValueError, match="seeds"):
         C.parse_seeds("zero")
 
 
-def test_all_quick_writes_one_folder_per_experiment(tmp_path):
-    pytest.importorskip("mnist1d")
-    assert main(["all", "--quick", "--methods", "SP", "--seeds", "1", "--out", str(tmp_path), "--quiet", "--no-plots"]) == 0
-    for name in ("levy", "uci", "banana", "mnist1d", "lr-sweep"):
-        md = tmp_path / name / f"{name}.md"
-        if name in ("uci", "banana") and not md.exists():
-            continue  # data absent: skipped
-        assert f"--out {tmp_path / name}" in md.read_text()
+def test_results_to_docs_merges_runs_by_method_and_dataset(tmp_path):
+    """Two UCI runs of one condition (different methods and datasets) and a second condition are
+    merged into one table each; paired wins are counted over every merged pair."""
+    import json
+
+    from benchmarks import results_to_docs as R
+
+    cfg = dict(targets="raw", monitor="val", epochs=5, val_fraction=0.1)
+
+    def run(folder, methods, datasets, rmse, config=cfg):
+        (tmp_path / "runs" / folder).mkdir(parents=True)
+        res = {m: {d: [dict(seed=s, rmse=rmse[m] + 0.01 * s, epochs=1) for s in range(3)] for d in datasets} for m in methods}
+        body = dict(name="uci", command=f"cmd {folder}", seconds=60.0, quick=False, seeds=[0, 1, 2], methods=methods, config=config, results=res)
+        (tmp_path / "runs" / folder / "uci.json").write_text(json.dumps(body))
+
+    run("a", ["SP"], ["boston", "yacht"], {"SP": 2.0})
+    run("b", ["GmP"], ["boston"], {"GmP": 1.0})
+    run("c", ["GmP"], ["yacht"], {"GmP": 3.0})
+    run("d", ["SP", "GmP"], ["yacht"], {"SP": 2.0, "GmP": 1.0}, dict(cfg, monitor="test"))
+    (tmp_path / "docs").mkdir()
+    pytest.importorskip("matplotlib")
+    assert R.main([str(tmp_path / "runs"), "--docs", str(tmp_path / "docs")]) == 0
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "3/6 (p 1.000), 2 sets × 3 seeds" in text  # boston 3 wins + yacht 3 losses
+    assert "3/3 (p 0.250), 1 sets × 3 seeds; the main protocol on the same pairs: 0/3 (p 0.250)" in text
+    assert text.count("### UCI regression") == 2 and "cmd b" in text and "cmd c" in text

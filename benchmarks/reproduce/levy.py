@@ -1,0 +1,217 @@
+r"""1-D Levy regression as ``1d_levy/1d_levy.ipynb`` runs it: 100 ReLU units, 50 noisy points.
+
+Data (the notebook's): ``np.random.seed(s)``, 50 inputs ``x ~ U(−10, 10)``, then noise
+``ε ~ N(0, 0.1²)``, ``y = levy(x) + ε``; the test grid is ``np.arange(−10, 10.1, 0.1)`` (201
+points) with the noiseless function. The notebook runs ``s = 0`` once: the **official draw**.
+``--draw`` picks ``official`` (data of ``s = 0`` for every seed), ``per-seed`` or ``both``
+(default).
+
+Training (the notebook's): ``Dense(100, relu) → Dense(1)``, MAE, full batch, ≤ 10,000 epochs,
+Adam (lr 0.1 GmP / 0.01 others, ε 1e-7), float64; ``ReduceLROnPlateau(×0.1, patience 500)`` and
+``EarlyStopping(patience 1000, restore_best_weights)`` on the training loss (``monitor='loss'``:
+the notebook holds nothing out, and neither do we — the test grid never steers training).
+
+# Note [The official 1-D unit]
+The official 1-D GmP unit (``models.py``, ``DenseReparam`` with ``n_in == 1``) is
+``r·ReLU(s·x + λ)``: the direction ``s = sign(w₀)`` is frozen (a stop-gradient), ``r = |w₀|`` from
+Glorot ``w₀ ~ U(±√(6/101)) = U(±0.244)``, ``λ = 0``, so every boundary starts at 0 (as SP's,
+whose biases start at 0) and stays at ``−s·λ`` whatever the sign of ``r``. ``georeparam`` has no
+such layer: at fan-in 1 the direction ±1 *is* the sign of ``r``, so ``register`` keeps the weight
+form ``ReLU(r·(x + λ))`` there (its report says so), in which ``r`` crossing 0 flips the unit's
+active side. The ``GmP`` row here is therefore the official unit, :class:`OfficialDense1D`, a
+few lines written from the official formula; the ``GmP-w`` row is what ``georeparam.register``
+gives a fan-in-1 layer. GmP+IMN is left out (no library layer to put IMN on).
+
+The plot follows each unit's characteristic point over training (official draw, first seed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import common as C
+
+NAME = "levy"
+TITLE = "Levy 1-D regression (official protocol)"
+DEFAULT_SEEDS = "10"
+METHODS = ("SP", "WN", "BN", "GmP", "GmP-w")
+LABELS = dict(C.LABELS, GmP="GmP (official 1-D unit)", **{"GmP-w": "GmP (georeparam, weight form at fan-in 1)"})
+
+
+class OfficialDense1D(nn.Module):
+    """``x ↦ r·ReLU(s·x + λ)`` per unit, ``s`` frozen: see Note [The official 1-D unit].
+
+    Built from a plain ``Linear(1, units)`` (``s = sign(w)``, ``r = |w|``, ``λ = b/|w|``), so it
+    computes what ``ReLU(linear(x))`` computed.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.in_features != 1:
+            raise ValueError(f"OfficialDense1D needs a Linear with one input. Got: in_features={linear.in_features}")
+        w = linear.weight.detach()[:, 0]
+        if bool((w == 0).any()):
+            raise ValueError("OfficialDense1D: a zero weight has no direction. Got: a Linear with a zero weight")
+        self.register_buffer("direction", torch.sign(w))
+        self.radius = nn.Parameter(w.abs().clone())
+        self.offset = nn.Parameter(linear.bias.detach() / w.abs())
+
+    def forward(self, x):
+        return self.radius * torch.relu(x * self.direction + self.offset)
+
+    def points(self):
+        """Each unit's characteristic point ``−s·λ`` (its boundary, whatever the sign of ``r``)."""
+        return (-self.direction * self.offset).detach()
+
+
+def build(method: str, seed: int) -> nn.Sequential:
+    """The notebook's model for ``method``: ``Dense(100, relu) → Dense(1)``, Glorot, zero biases."""
+    if method != "GmP":
+        return C.mlp(method, 1, [100], 1, seed)
+    sp = C.mlp("SP", 1, [100], 1, seed)
+    return nn.Sequential(OfficialDense1D(sp[0]), sp[2])
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--epochs", type=int, default=None, help="max epochs (default 10000; quick 100)")
+    p.add_argument("--draw", choices=["official", "per-seed", "both"], default="both", help="which 50-point data draws (default both)")
+    p.add_argument("--record-every", type=int, default=10, help="epochs between recorded characteristic points (plot)")
+
+
+def levy(x: np.ndarray) -> np.ndarray:
+    """The 1-D Levy function of the notebook (``w = 1 + (x − 1)/4``).
+
+    >>> abs(float(levy(np.array([1.0]))[0])) < 1e-30   # the global minimum, 0
+    True
+    """
+    w = 1.0 + (np.asarray(x, dtype=np.float64) - 1.0) / 4.0
+    return np.sin(np.pi * w) ** 2 + (w - 1.0) ** 2 * (1.0 + np.sin(2.0 * np.pi * w) ** 2)
+
+
+def make_data(seed: int, n_train: int = 50, noise: float = 0.1):
+    """``(x, y, grid, truth)`` as the notebook draws them with ``np.random.seed(seed)``."""
+    rng = np.random.RandomState(seed)
+    x = rng.uniform(low=-10.0, high=10.0, size=[n_train, 1])
+    eps = rng.normal(loc=0.0, scale=noise, size=[n_train, 1])
+    grid = np.arange(-10.0, 10.1, 0.1).reshape(-1, 1)
+    return x, levy(x) + eps, grid, levy(grid)
+
+
+def _t(a):
+    return torch.as_tensor(np.asarray(a), dtype=torch.float64).reshape(-1, 1)
+
+
+def points_1d(model) -> np.ndarray:
+    """Each hidden unit's characteristic point (``georeparam.analysis.characteristic_points``,
+    with BN's running statistics folded in; :meth:`OfficialDense1D.points`)."""
+    from georeparam.analysis import characteristic_points
+
+    if isinstance(model[0], OfficialDense1D):
+        return model[0].points().numpy().copy()
+    norm = model[1] if isinstance(model[1], torch.nn.BatchNorm1d) else None
+    return characteristic_points(model[0], norm=norm)[0][:, 0].numpy().copy()
+
+
+def run(args) -> dict:
+    epochs = args.epochs or (100 if args.quick else 10000)
+    draws = ["official", "per-seed"] if args.draw == "both" else [args.draw]
+    methods, seeds = args.methods, args.seeds
+    results = {d: {m: [] for m in methods} for d in draws}
+    tracks, fits = {}, {}
+    bar = C.progress_bar(len(draws) * len(methods) * len(seeds), "levy", args.quiet)
+    for draw in draws:
+        for seed in seeds:
+            x, y, grid, truth = make_data(0 if draw == "official" else seed)
+            for method in methods:
+                model = build(method, seed)
+                cfg = C.FitConfig(lr=C.paper_lr(method), epochs=epochs, batch_size=None, mode="min", patience=1000, plateau_patience=500)
+                track = []
+                on_epoch = None
+                if draw == draws[0] and seed == seeds[0]:
+                    track.append((0, points_1d(model)))
+
+                    def on_epoch(epoch, m, track=track):
+                        if epoch % args.record_every == 0:
+                            track.append((epoch, points_1d(m)))
+                bar.set_description(f"levy {draw} {method} seed {seed}", refresh=False)
+                res = C.fit(model, (_t(x), _t(y)), loss_fn=lambda p, t: (p - t).abs().mean(), cfg=cfg, seed=seed, on_epoch=on_epoch, progress=bar)
+                with torch.no_grad():
+                    pred = model(_t(grid)).numpy().ravel()
+                rmse = float(np.sqrt(np.mean((pred - truth.ravel()) ** 2)))
+                results[draw][method].append(dict(seed=seed, rmse=rmse, train_mae=res.best_monitored, epochs=res.epochs, nonfinite=res.nonfinite))
+                if track:
+                    tracks[method], fits[method] = track, pred
+                bar.update(1)
+    bar.close()
+
+    config = dict(epochs=epochs, draws=draws)
+    tables, notes = summarize(results, seeds, config)
+    files = []
+    if not args.no_plots:
+        files.append(plot_points(tracks, Path(args.out) / "levy_points.png", seeds[0], draws[0]))
+        x, y, grid, truth = make_data(0 if draws[0] == "official" else seeds[0])
+        files.append(plot_fit(x, y, grid, truth, fits, Path(args.out) / "levy_fit.png"))
+    return dict(table=tables[0], extra_tables=tables[1:], notes=notes, files=files, results=results, config=config)
+
+
+def summarize(results, seeds, config):
+    """``(tables, notes)`` from ``results[draw][method]`` (also merged from several runs)."""
+    tables = []
+    for draw in config["draws"]:
+        methods = [m for m in METHODS if m in results[draw]]
+        header = ["method", "lr", f"test RMSE (mean ± std, {len(seeds)} seeds)", "best train MAE", "wins / losses vs SP (p)", "epochs"]
+        rows = []
+        for m in methods:
+            rm = [r["rmse"] for r in results[draw][m]]
+            wins = "—"
+            if m != "SP" and "SP" in methods:
+                w, l, t = C.paired_wins(rm, [r["rmse"] for r in results[draw]["SP"]])
+                wins = f"{w} / {l} (p {C.fmt_p(C.sign_test(w, l))})"
+            rows.append([LABELS[m], f"{C.paper_lr(m):g}", C.fmt_mean_std(rm, 3), C.fmt_mean_std([r["train_mae"] for r in results[draw][m]], 3), wins,
+                         f"{np.mean([r['epochs'] for r in results[draw][m]]):.0f}"])
+        what = "the official draw (data seed 0; seeds vary only the initial weights)" if draw == "official" else "a new 50-point draw per seed"
+        tables.append(f"{'Official draw' if draw == 'official' else 'Per-seed draws'} — {what}:\n\n" + C.markdown_table(header, rows))
+    notes = (
+        f"≤{config['epochs']} epochs, full batch, MAE, Adam (ε 1e-7), float64; plateau ×0.1 after 500 and early stop after 1000 epochs on the training loss "
+        "(as the notebook). Test RMSE against the noiseless function on the notebook's 201-point grid. "
+        "Wins: paired runs (same seed) with a lower test RMSE than SP; p: two-sided exact sign test."
+    )
+    return tables, notes
+
+
+def plot_points(tracks, path: Path, seed: int, draw: str) -> Path:
+    try:
+        from georeparam.plot import plot_points_1d
+    except ImportError:  # before the plots move out of georeparam.analysis
+        from georeparam.analysis import plot_points_1d
+
+    plt = C.pyplot()
+    fig, axes = plt.subplots(1, len(tracks), figsize=(2.9 * len(tracks), 2.9), sharey=True, squeeze=False)
+    for ax, (m, track) in zip(axes[0], tracks.items()):
+        pts = torch.as_tensor(np.stack([p for _, p in track]))
+        plot_points_1d(pts, ax=ax, steps=[max(e, 1) for e, _ in track], x_range=(-10.0, 10.0), title=LABELS[m])
+        ax.title.set_fontsize(8)
+        ax.set_xscale("log")
+        ax.set_xlabel("epoch")
+        if ax is not axes[0][0]:
+            ax.set_ylabel("")
+    fig.suptitle(f"Levy ({draw} draw, seed {seed}): each unit's characteristic point over training (grey: data range)", fontsize=9)
+    fig.tight_layout()
+    return C.savefig(fig, path)
+
+
+def plot_fit(x, y, grid, truth, fits, path: Path) -> Path:
+    plt = C.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(grid, truth, "k-", lw=2, label="Levy")
+    ax.plot(x, y, "k.", ms=5, label="train (50)")
+    for m, pred in fits.items():
+        ax.plot(grid, pred, lw=1, label=LABELS[m])
+    ax.legend(fontsize=6, ncol=3)
+    ax.set_title("Levy fits (official draw, first seed)", fontsize=9)
+    fig.tight_layout()
+    return C.savefig(fig, path)
