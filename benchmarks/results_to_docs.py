@@ -1,87 +1,156 @@
-"""Regenerate the generated part of docs/results.md from full reproduction runs.
+"""Regenerate the generated part of docs/results.md (and its plots) from reproduction runs.
 
     python benchmarks/results_to_docs.py RESULTS_DIR [--docs docs]
 
-RESULTS_DIR holds one folder per experiment as written by ``python -m georeparam reproduce NAME
---out RESULTS_DIR/NAME`` (NAME.md, NAME.json, plots). Everything in docs/results.md below the
-marker line is replaced: the tables as the runs wrote them, a generated list of where GmP (or
-GmP+IMN) had the best mean and where it did not, and links to the plots copied into docs/img/
-(re-encoded, each < 200 KB). The hand-written text above the marker is kept.
+RESULTS_DIR holds one folder per run of ``python benchmarks/reproduce.py NAME --out
+RESULTS_DIR/FOLDER`` (each with NAME.md, NAME.json and plots). UCI runs are merged by condition
+(targets × monitored split): one run per method group is fine, e.g. SP,WN,BN in one folder and
+GmP in another. Everything in docs/results.md below the marker line is replaced; the hand-written
+text above it is kept. Plots are copied to docs/ (each < 200 KB).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.reproduce import common as C  # noqa: E402
+
 MARKER = "<!-- generated below by benchmarks/results_to_docs.py: do not edit by hand -->"
-ORDER = ("levy", "banana", "uci", "mnist1d", "lr-sweep", "imagenet32")
-PLOTS = ("levy_points.png", "banana_boundaries.png", "lr_sweep.png")
-GMP = ("GmP", "GmP+IMN")
+ORDER = ("uci", "banana", "levy", "mnist1d", "lr-sweep", "imagenet32")
+#: how deep the method key sits in each experiment's ``results``
+METHOD_DEPTH = {"uci": 0, "banana": 1, "levy": 1, "mnist1d": 1, "lr-sweep": 1, "imagenet32": 0}
+#: plots copied from the run folder that has them (uci and lr-sweep are redrawn from the merged results)
+COPIED_PLOTS = {"banana": "banana_boundaries.png", "levy": "levy_points.png", "imagenet32": "imagenet32_top5.png"}
+UCI_CONDITIONS = (("raw", "val"), ("standardized", "val"), ("raw", "test"))
+UCI_TEXT = {
+    ("raw", "val"): "raw targets, validation split (the main protocol)",
+    ("standardized", "val"): "standardized targets, validation split (sensitivity)",
+    ("raw", "test"): "raw targets, monitoring the test split (the official script; optimistic)",
+}
 
 
-def _mean(values):
-    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
-    return sum(v) / len(v) if v else math.nan
+def load_runs(results: Path):
+    """Every full (non-quick) run under ``results``, oldest first."""
+    runs = []
+    for path in sorted(results.glob("*/*.json"), key=lambda p: p.stat().st_mtime):
+        d = json.loads(path.read_text())
+        if d.get("quick") or "name" not in d or d["name"] not in METHOD_DEPTH:
+            continue
+        d["folder"] = path.parent
+        runs.append(d)
+    return runs
 
 
-def _verdict(label, means: dict, mode: str, fmt="{:.4g}"):
-    """``(line, gmp_won)``: which method had the best mean, and how GmP's best variant compares."""
-    pick = min if mode == "min" else max
-    gmp = {m: v for m, v in means.items() if m in GMP and v == v}
-    others = {m: v for m, v in means.items() if m not in GMP and v == v}
-    if not others or not any(m in GMP for m in means):
-        return None
-    obest = pick(others, key=others.get)
-    if not gmp:
-        return f"- {label}: **GmP not best** — no GmP run has a value (never reached / all diverged); best {obest} {fmt.format(others[obest])}", False
-    gbest = pick(gmp, key=gmp.get)
-    won = pick([gmp[gbest], others[obest]]) == gmp[gbest] and gmp[gbest] != others[obest]
-    if won:
-        return f"- {label}: GmP best — {gbest} {fmt.format(gmp[gbest])} vs best other {obest} {fmt.format(others[obest])}", True
-    return f"- {label}: **GmP not best** — best {obest} {fmt.format(others[obest])} vs best GmP variant {gbest} {fmt.format(gmp[gbest])}", False
+def _condition(run) -> str:
+    return json.dumps(run["config"], sort_keys=True)
 
 
-def verdicts(results_dir: Path):
-    lines = []
-    def add(v):
-        if v is not None:
-            lines.append(v)
+def merge(runs):
+    """``(name, condition) → dict(results, seeds, config, runs)``: runs of one experiment with the
+    same configuration and seeds are merged method by method (UCI: dataset by dataset); a later
+    run replaces what an earlier one had for the same method (and dataset)."""
+    merged = {}
+    for r in runs:
+        key = (r["name"], _condition(r))
+        entry = merged.setdefault(key, dict(results={}, seeds=r["seeds"], config=r["config"], runs=[]))
+        if r["seeds"] != entry["seeds"]:
+            raise SystemExit(f"{r['folder']}: runs of one condition must share their seeds. Got: {r['seeds']} vs {entry['seeds']}")
+        if METHOD_DEPTH[r["name"]] == 0:  # results[method], for UCI results[method][dataset]
+            for m, per in r["results"].items():
+                if isinstance(per, dict):
+                    entry["results"].setdefault(m, {}).update(per)
+                else:
+                    entry["results"][m] = per
+        else:
+            for k, per in r["results"].items():
+                entry["results"].setdefault(k, {}).update(per)
+        entry["runs"].append(r)
+    return merged
 
-    def load(name):
-        p = results_dir / name / f"{name}.json"
-        return json.loads(p.read_text())["results"] if p.exists() else None
 
-    r = load("levy")
-    if r:
-        add(_verdict("Levy test RMSE", {m: _mean(d["rmse"] for d in runs) for m, runs in r.items()}, "min"))
-    r = load("banana")
-    if r:
-        add(_verdict("Banana test accuracy", {m: _mean(d["test_acc"] for d in runs) for m, runs in r.items()}, "max"))
-    r = load("uci")
-    if r:
-        datasets = list(next(iter(r.values())))
-        for ds in datasets:
-            add(_verdict(f"UCI {ds} test RMSE", {m: _mean(d["rmse"] for d in r[m][ds]) for m in r}, "min"))
-    r = load("mnist1d")
-    if r:
-        for model, per in r.items():
-            add(_verdict(f"MNIST-1D {model} test accuracy", {m: _mean(d["test_acc"] for d in runs) for m, runs in per.items()}, "max"))
-            add(_verdict(f"MNIST-1D {model} steps to target (runs that reached it)",
-                         {m: _mean(d.get("steps_to_target") for d in runs) for m, runs in per.items()}, "min", "{:.0f}"))
-    r = load("lr-sweep")
-    if r:
-        for task, per in r.items():
-            key, mode = ("rmse", "min") if task == "uci" else ("test_acc", "max")
-            lrs = list(next(iter(per.values())))
-            for lr in lrs:
-                means = {m: _mean(d[key] for d in per[m][lr] if not d["diverged"]) for m in per}
-                add(_verdict(f"lr-sweep {task} lr={float(lr):g}", means, mode))
-    return lines
+def _module(name):
+    import importlib
+
+    return importlib.import_module("benchmarks.reproduce." + {"lr-sweep": "lr_sweep"}.get(name, name))
+
+
+def _title(name, config):
+    if name == "uci":
+        return "UCI regression — " + UCI_TEXT.get((config["targets"], config["monitor"]), f"{config['targets']} targets, monitoring {config['monitor']}")
+    title = _module(name).TITLE
+    if config.get("monitor") == "test":
+        title += " — monitoring the test split (the official notebook's choice; optimistic)"
+    return title
+
+
+def section(name, entry, docs: Path):
+    mod = _module(name)
+    tables, notes = mod.summarize(entry["results"], entry["seeds"], entry["config"])
+    out = [f"### {_title(name, entry['config'])}", "", "Runs (merged method by method):", ""]
+    out += [f"- `{r['command']}` ({r['seconds'] / 60:.1f} min wall; {', '.join(r['methods'])})" for r in entry["runs"]] + [""]
+    out += [tables[0], ""] + [t + "\n" for t in tables[1:]] + [notes, ""]
+    prefix = {"raw": "", "standardized": "std_"}.get(entry["config"].get("targets"), "") + ("test_" if entry["config"].get("monitor") == "test" else "")
+    if name == "uci" and entry["config"]["monitor"] == "val" and entry["config"]["targets"] == "raw":
+        out += [f"![uci_rmse]({mod.plot(entry['results'], docs / 'uci_rmse.png').name})", ""]
+    elif name == "lr-sweep":
+        cfg = entry["config"]
+        out += [f"![lr_sweep]({mod.plot(entry['results'], cfg['lrs'], cfg['tasks'], cfg['dataset'], docs / 'lr_sweep.png').name})", ""]
+    elif name in COPIED_PLOTS:
+        having = [r for r in entry["runs"] if (r["folder"] / COPIED_PLOTS[name]).exists()]
+        if having:
+            src = having[-1]["folder"] / COPIED_PLOTS[name]
+            dst = docs / (prefix + COPIED_PLOTS[name])
+            shutil.copyfile(src, dst)
+            if dst.stat().st_size >= 200_000:
+                raise SystemExit(f"{dst} is {dst.stat().st_size} bytes; plots in docs/ must stay < 200 KB")
+            out += [f"![{name}]({dst.name}) (from `{having[-1]['command']}`)", ""]
+    return out
+
+
+def _pooled(res, m, datasets):
+    W = L = 0
+    for d in datasets:
+        w, l, _ = C.paired_wins([r["rmse"] for r in res[m][d]], [r["rmse"] for r in res["SP"][d]])
+        W, L = W + w, L + l
+    return f"{W}/{W + L} (p {C.fmt_p(C.sign_test(W, L))})"
+
+
+def uci_overview(merged):
+    """Each method against SP, pooled over the datasets, under every UCI condition; where a
+    condition covers fewer datasets or seeds, the main protocol's count on the same pairs too."""
+    entries = {(e["config"]["targets"], e["config"]["monitor"]): e for (n, _), e in merged.items() if n == "uci"}
+    conds = [c for c in UCI_CONDITIONS if c in entries]
+    main_res = entries[UCI_CONDITIONS[0]]["results"] if UCI_CONDITIONS[0] in entries else {}
+    main_seeds = entries[UCI_CONDITIONS[0]]["seeds"] if main_res else []
+    rows = []
+    for m in C.METHODS[1:]:
+        cells = [C.LABELS[m]]
+        for c in conds:
+            res, seeds = entries[c]["results"], entries[c]["seeds"]
+            if m not in res or "SP" not in res:
+                cells.append("—")
+                continue
+            ds = [d for d in res[m] if d in res["SP"]]
+            cell = f"{_pooled(res, m, ds)}, {len(ds)} sets × {len(seeds)} seeds"
+            if c != UCI_CONDITIONS[0] and m in main_res and "SP" in main_res and all(d in main_res[m] for d in ds):
+                idx = [main_seeds.index(s) for s in seeds if s in main_seeds]
+                if len(idx) == len(seeds):
+                    same = {k: {d: [main_res[k][d][i] for i in idx] for d in ds} for k in ("SP", m)}
+                    cell += f"; the main protocol on the same pairs: {_pooled(same, m, ds)}"
+            cells.append(cell)
+        if any(c != "—" for c in cells[1:]):
+            rows.append(cells)
+    if not rows:
+        return []
+    return ["### UCI at a glance: paired wins against SP under each condition", "",
+            C.markdown_table(["method"] + [UCI_TEXT[c] for c in conds], rows), "",
+            "A win: same dataset and seed, lower test RMSE than SP. p: two-sided exact sign test over all pairs (ties dropped).", ""]
 
 
 def main(argv=None) -> int:
@@ -90,34 +159,16 @@ def main(argv=None) -> int:
     p.add_argument("--docs", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
     args = p.parse_args(argv)
     doc = args.docs / "results.md"
-    img = args.docs / "img"
-    img.mkdir(parents=True, exist_ok=True)
     head = doc.read_text().split(MARKER)[0].rstrip() + "\n\n" if doc.exists() else "# Reproductions\n\n"
-    parts = [MARKER, ""]
+    merged = merge(load_runs(args.results))
+    parts = [MARKER, ""] + uci_overview(merged)
     for name in ORDER:
-        md = args.results / name / f"{name}.md"
-        if not md.exists():
-            continue
-        body = []
-        for line in md.read_text().splitlines():
-            if line.startswith("!["):
-                target = line[line.index("(") + 1 : line.rindex(")")]
-                if target in PLOTS:
-                    shutil.copyfile(args.results / name / target, img / target)
-                    size = (img / target).stat().st_size
-                    if size >= 200_000:
-                        raise SystemExit(f"{img / target} is {size} bytes; plots in docs/ must stay < 200 KB")
-                    body.append(line.replace(f"({target})", f"(img/{target})"))
-                continue
-            body.append(line)
-        parts += body + [""]
-    lines = verdicts(args.results)
-    if lines:
-        won = sum(1 for _, w in lines if w)
-        parts += ["## Where GmP did and did not have the best mean (generated)", "",
-                  f"GmP or GmP+IMN had the best mean in {won} of {len(lines)} comparisons "
-                  "(means only; look at the ± std in the tables before calling a difference real).", ""]
-        parts += [text for text, _ in lines] + [""]
+        keys = [k for k in merged if k[0] == name]
+        if name == "uci":
+            order = {json.dumps(c): i for i, c in enumerate(UCI_CONDITIONS)}
+            keys.sort(key=lambda k: order.get(json.dumps([merged[k]["config"]["targets"], merged[k]["config"]["monitor"]]), 99))
+        for key in keys:
+            parts += section(name, merged[key], args.docs)
     doc.write_text(head + "\n".join(parts).rstrip() + "\n")
     print(f"wrote {doc}")
     return 0
