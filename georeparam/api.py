@@ -16,11 +16,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import imn as _imn
+from . import placement as _placement
 from . import signs as _signs
 from .checkpoint import load_plain_entry
 from .stale import retire, unretire
 from ._fused import check_mode
-from .coords import to_hyperspherical
 from .layouts import SUPPORTED, entry_of, is_supported, layout_of, supported_names, weight_names
 from .parametrization import _Geometric, _GeometricBias, check_radius, check_weight_values, offset_from, unit_radius
 from .report import LayerReport, Report
@@ -416,9 +416,9 @@ def register(
         except (TypeError, ValueError) as e:
             raise type(e)(f"register: layer {qname or '<root>'!r}: {e}") from None
     if form == "paper":
-        places = _signs.plan(model, [q for q, _ in chosen])
+        places = _placement.plan(model, [q for q, _ in chosen])
     else:
-        places = {q: _signs.Placement("weight", why='form="weight" requested') for q, _ in chosen}
+        places = {q: _placement.Placement("weight", why='form="weight" requested') for q, _ in chosen}
     done = []
     try:
         for qname, m in chosen:

@@ -30,7 +30,6 @@ A layer without bias gets one when folded (``b' = −W·μ``).
 
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch
