@@ -21,7 +21,7 @@ from . import signs as _signs
 from .checkpoint import load_plain_entry
 from .stale import retire, unretire
 from ._fused import check_mode
-from .layouts import SUPPORTED, entry_of, is_supported, layout_of, supported_names, weight_names
+from .layouts import SUPPORTED, has_input, is_supported, layout_of, supported_names, weight_names
 from .parametrization import _Geometric, _GeometricBias, check_radius, check_weight_values, offset_from, unit_radius
 from .report import LayerReport, Report
 
@@ -64,8 +64,6 @@ def _geometric_entries(module: nn.Module) -> List[Tuple[str, _Geometric]]:
 def geometric_layers(model: nn.Module) -> List[Tuple[str, nn.Module, str, _Geometric]]:
     """``(qualified name, layer, weight name, parametrization)`` of every GmP weight under ``model``."""
     return [(q, m, w, p) for q, m in model.named_modules() for w, p in _geometric_entries(m)]
-
-
 
 
 def is_geometric(module: nn.Module) -> bool:
@@ -301,11 +299,6 @@ def _selector(spec, what: str):
     return tuple(names), tuple(types)
 
 
-def _columns(module: nn.Module) -> bool:
-    e = entry_of(module)
-    return e is not None and any(layout_of(module, w).columns for w, _ in e.weights(module))
-
-
 def _tied(model: nn.Module) -> dict:
     """``id(Parameter) → qualified names`` for Parameters held by more than one module object."""
     holders: dict = {}
@@ -409,7 +402,7 @@ def register(
                 raise type(e)(f"register: layer {qname or '<root>'!r}: {e}") from None
     if not isinstance(imn, bool):
         raise TypeError(f"register: imn must be a bool. Got: {imn!r}")
-    with_imn = [(q, m) for q, m in chosen if not (entry_of(m) is not None and entry_of(m).inside) and not _columns(m)] if imn else []
+    with_imn = [(q, m) for q, m in chosen if has_input(m)] if imn else []
     for qname, m in with_imn:
         try:
             _imn.check_input_mean_norm(m, "register(imn=True)")
@@ -528,10 +521,10 @@ def remove(model_or_module: nn.Module) -> nn.Module:
     if not isinstance(model_or_module, nn.Module):
         raise TypeError(f"remove expects an nn.Module. Got: {type(model_or_module).__name__}")
     # Note [torch's remover on a GmP weight]: finish what torch's remover left (bias, sign)
-    orphans = [m for m in model_or_module.modules() if _orphan_biases(m)]
+    orphans = [(m, names) for m in model_or_module.modules() for names in [_orphan_biases(m)] if names]
     signs = [(h, h.sign().detach().clone()) for h in _signs.live_hooks(model_or_module) if h.orphaned()]
-    for m in orphans:
-        for bname in _orphan_biases(m):
+    for m, names in orphans:
+        for bname in names:
             _own_class(m)
             parametrize.remove_parametrizations(m, bname, leave_parametrized=True)
     targets = [m for m in model_or_module.modules() if is_geometric(m)]

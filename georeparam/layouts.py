@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 __all__ = ["Layout", "Entry", "LAYOUTS", "SUPPORTED", "layout_of", "is_supported", "entry_of", "weight_names", "supported_names",
-           "input_of"]
+           "input_of", "has_input"]
 
 
 class Layout:
@@ -200,6 +200,11 @@ def layout_of(module: nn.Module, name: str = "weight", weight: Optional[Tensor] 
     return entry.layout(module, weight)
 
 
+def has_input(module: nn.Module) -> bool:
+    """Whether :func:`input_of` knows ``module``'s input (``Linear``, ``ConvNd``, ``ConvTransposeNd``)."""
+    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+
+
 def input_of(module: nn.Module) -> Tuple[int, int]:
     """``(input features, their dim)`` of a layer's input (what input mean normalization centres).
 
@@ -208,7 +213,7 @@ def input_of(module: nn.Module) -> Tuple[int, int]:
     """
     if isinstance(module, nn.Linear):
         return module.in_features, -1
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if has_input(module):
         return module.in_channels, -(len(module.kernel_size) + 1)
     raise TypeError(
         f"input_mean_norm supports nn.Linear, nn.ConvNd and nn.ConvTransposeNd (and subclasses). "

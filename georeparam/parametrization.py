@@ -94,7 +94,8 @@ class _Geometric(nn.Module):
     def right_inverse(self, weight: Tensor) -> Tuple[Tensor, Tensor]:
         # Note [Assigning the weight]
         # ``layer.weight = W`` ends here. The bias b = r·λ must keep its value, so λ is rescaled to
-        # b / r_new. In the paper's form W is |r|·u and each unit keeps its sign(r). This is the only place that sees both the old and the new radius.
+        # b / r_new. In the paper's form W is |r|·u and each unit keeps its sign(r). This is the
+        # only place that sees both the old and the new radius.
         # Everything is checked before the offset is touched: PyTorch's own checks of our result
         # (dtype) run after this returns, when the rescaled offset would already be written.
         layer = getattr(self, "_layer", None)
