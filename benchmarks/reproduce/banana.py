@@ -59,13 +59,7 @@ def make_split(data: np.ndarray, seed: int, *, monitor: str = "val", val_fractio
     """The notebook's draw and split for data seed ``seed``; returns float64 arrays."""
     rows = data[np.random.RandomState(seed).choice(len(data), size=min(n_points, len(data)), replace=False)]
     x, y = rows[:, :2], (rows[:, 2] > 0).astype(np.float64)
-    train_idx, test_idx = C.train_test_split_indices(len(x), 0.2, seed)
-    if monitor == "test":
-        fit_idx, mon_idx = train_idx, test_idx
-    elif monitor == "val":
-        fit_idx, mon_idx = C.carve_validation(train_idx, val_fraction, seed)
-    else:
-        raise ValueError(f"monitor must be 'val' or 'test'. Got: {monitor!r}")
+    train_idx, test_idx, fit_idx, mon_idx = C.monitored_split(len(x), seed, monitor, val_fraction)
     norm = C.normalizer(x[train_idx])
     return dict(fit=(norm(x[fit_idx]), y[fit_idx]), monitor=(norm(x[mon_idx]), y[mon_idx]), test=(norm(x[test_idx]), y[test_idx]))
 
@@ -134,10 +128,7 @@ def summarize(results, seeds, config):
         rows = []
         for m in methods:
             acc = [r["test_acc"] for r in results[draw][m]]
-            wins = "—"
-            if m != "SP" and "SP" in methods:
-                w, l, t = C.paired_wins(acc, [r["test_acc"] for r in results[draw]["SP"]], "max")
-                wins = f"{w} / {l} (p {C.fmt_p(C.sign_test(w, l))})"
+            wins = C.wins_cell(acc, [r["test_acc"] for r in results[draw]["SP"]], "max") if m != "SP" and "SP" in methods else "—"
             rows.append([C.LABELS[m], f"{C.paper_lr(m):g}", C.fmt_mean_std(acc, 3), f"{np.nanmin(acc):.3f} – {np.nanmax(acc):.3f}", wins,
                          f"{np.mean([r['epochs'] for r in results[draw][m]]):.0f}", f"{REFERENCE[m]:.3f}" if m in REFERENCE else "—"])
         what = "the official draw (data seed 0; seeds vary only the initial weights)" if draw == "official" else "a new 1,000-point draw and split per seed"

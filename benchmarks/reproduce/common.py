@@ -54,6 +54,7 @@ from .tables import (  # noqa: F401 - the experiments reach everything through c
     pyplot,
     savefig,
     sign_test,
+    wins_cell,
     write_json,
 )
 
@@ -243,6 +244,18 @@ def carve_validation(train_idx: np.ndarray, fraction: float, seed: int) -> Tuple
     perm = np.random.RandomState(seed + 7919).permutation(len(train_idx))
     n_val = int(round(fraction * len(train_idx)))
     return train_idx[perm[n_val:]], train_idx[perm[:n_val]]
+
+
+def monitored_split(n: int, seed: int, monitor: str, val_fraction: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(train, test, fit, monitored)`` row indices: the official 80/20 split, then either a
+    validation split carved from the training rows (``monitor="val"``) or the test rows
+    themselves (``monitor="test"``, the official scripts' choice) for early stopping."""
+    train_idx, test_idx = train_test_split_indices(n, 0.2, seed)
+    if monitor == "test":
+        return train_idx, test_idx, train_idx, test_idx
+    if monitor == "val":
+        return (train_idx, test_idx) + carve_validation(train_idx, val_fraction, seed)
+    raise ValueError(f"monitor must be 'val' or 'test'. Got: {monitor!r}")
 
 
 def normalizer(train: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:

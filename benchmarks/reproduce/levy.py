@@ -167,10 +167,7 @@ def summarize(results, seeds, config):
         rows = []
         for m in methods:
             rm = [r["rmse"] for r in results[draw][m]]
-            wins = "—"
-            if m != "SP" and "SP" in methods:
-                w, l, t = C.paired_wins(rm, [r["rmse"] for r in results[draw]["SP"]])
-                wins = f"{w} / {l} (p {C.fmt_p(C.sign_test(w, l))})"
+            wins = C.wins_cell(rm, [r["rmse"] for r in results[draw]["SP"]]) if m != "SP" and "SP" in methods else "—"
             rows.append([LABELS[m], f"{C.paper_lr(m):g}", C.fmt_mean_std(rm, 3), C.fmt_mean_std([r["train_mae"] for r in results[draw][m]], 3), wins,
                          f"{np.mean([r['epochs'] for r in results[draw][m]]):.0f}"])
         what = "the official draw (data seed 0; seeds vary only the initial weights)" if draw == "official" else "a new 50-point draw per seed"

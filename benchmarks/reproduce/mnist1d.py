@@ -127,10 +127,7 @@ def summarize(results, seeds, config):
         methods = [m for m in C.METHODS if m in results[mod]]
         for m in methods:
             acc = [r["test_acc"] for r in results[mod][m]]
-            wins = "—"
-            if m != "SP" and "SP" in methods:
-                w, l, t = C.paired_wins(acc, [r["test_acc"] for r in results[mod]["SP"]], "max")
-                wins = f"{w} / {l} (p {C.fmt_p(C.sign_test(w, l))})"
+            wins = C.wins_cell(acc, [r["test_acc"] for r in results[mod]["SP"]], "max") if m != "SP" and "SP" in methods else "—"
             rows.append([mod, C.LABELS[m], f"{C.paper_lr(m):g}", C.fmt_mean_std(acc, 3), wins, f"{np.mean([r['epochs'] for r in results[mod][m]]):.0f}"])
     notes = (f"MNIST-1D default dataset ({config['n_train']} train, 10 % held out for validation; {config['n_test']} test), batch 100, ≤{config['epochs']} epochs, "
              "float64, Adam (ε 1e-7), plateau ×0.1 after 15 and early stop after 30 epochs on validation accuracy.")

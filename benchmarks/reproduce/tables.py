@@ -42,6 +42,16 @@ def paired_wins(values: Sequence[float], reference: Sequence[float], mode: str =
     return w, l, t
 
 
+def wins_cell(values: Sequence[float], reference: Sequence[float], mode: str = "min") -> str:
+    """``"wins / losses (p …)"`` of ``values`` against ``reference`` with the two-sided sign test.
+
+    >>> wins_cell([1.0, 2.0, 0.5], [2.0, 3.0, 1.0])
+    '3 / 0 (p 0.250)'
+    """
+    w, l, _ = paired_wins(values, reference, mode)
+    return f"{w} / {l} (p {fmt_p(sign_test(w, l))})"
+
+
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; 0 for one value) of the finite values."""
     v = np.asarray([float(x) for x in values], dtype=np.float64)

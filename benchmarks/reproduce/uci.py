@@ -55,13 +55,7 @@ def load_uci(name: str, data_dir=None):
 def make_split(X, y, seed: int, *, monitor: str = "val", val_fraction: float = 0.1, targets: str = "raw") -> dict:
     """The official 80/20 split; the fitted rows, the monitored rows and the test rows as float64
     arrays (targets scaled when ``targets='standardized'``), plus the target scale."""
-    train_idx, test_idx = C.train_test_split_indices(len(X), 0.2, seed)
-    if monitor == "test":
-        fit_idx, mon_idx = train_idx, test_idx
-    elif monitor == "val":
-        fit_idx, mon_idx = C.carve_validation(train_idx, val_fraction, seed)
-    else:
-        raise ValueError(f"monitor must be 'val' or 'test'. Got: {monitor!r}")
+    train_idx, test_idx, fit_idx, mon_idx = C.monitored_split(len(X), seed, monitor, val_fraction)
     norm = C.normalizer(X[train_idx])
     if targets == "raw":
         y_mean, y_std = 0.0, 1.0
