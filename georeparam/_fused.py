@@ -114,7 +114,7 @@ def _over_rows(call, rows: int, n: int) -> None:
             raise MemoryError("georeparam's kernel could not allocate its scratch rows")
         return
     per = -(-rows // threads)
-    per += (-per) % 4  # whole blocks of four rows
+    per += (-per) % 4  # ranges of whole multiples of four rows (any split is exact)
     bounds = [(r0, min(rows, r0 + per)) for r0 in range(0, rows, per)]
     futures = [_pool(len(bounds) - 1).submit(call, r0, r1) for r0, r1 in bounds[1:]]
     bad = call(*bounds[0])

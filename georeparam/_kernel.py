@@ -7,20 +7,27 @@ is set, :func:`load` returns ``None`` and :mod:`georeparam._fused` uses its pure
 two are tested to agree, ``tests/test_kernel.py``).
 
 # Note [The kernel]
-One pass per row forward and one backward, everything in float64 whatever the storage dtype:
+Everything in float64 whatever the storage dtype, rounded once:
 
-* sines and cosines by an own branch-free polynomial (fdlibm's kernel coefficients after a
-  three-part Cody–Waite reduction by π/2, |error| ≤ ~2e-16), in a loop the compiler vectorizes;
-  a row with an angle beyond 1e6 (or not finite) takes libm's ``sin``/``cos`` instead;
-* forward: ``E_k = ∏_{j<k} cos φ_j`` by a running product, ``w_k = r·sin φ_k·E_k`` (then the
-  last pair ``r·E_m·(cos θ, sin θ)``), rounded once to the storage dtype;
-* backward recomputes the sines/cosines and ``E`` (nothing is saved but the inputs) and runs one
-  reverse recurrence ``R_{k-1} = g_k sin φ_k + cos φ_k R_k`` (``R_{m-1} = g_m cos θ + g_{m+1} sin θ``),
-  so that ``∂/∂φ_k = r·E_k·(g_k cos φ_k − sin φ_k R_k)``, ``∂/∂θ = r·E_m·(g_{m+1} cos θ − g_m sin θ)``
+* sines and cosines by own branch-free polynomials in a loop the compiler vectorizes: float64
+  angles by fdlibm's kernel after a three-part Cody–Waite reduction (|error| ≤ ~2e-16), float32
+  angles in float with the cosine carried as 1 − cos (Note [float32 angles]); a row with an
+  angle beyond the polynomial's range (1e6, float32: 4096) or not finite takes libm's
+  ``sin``/``cos`` instead;
+* forward, one row at a time in chunks of 256 angles (their sines and cosines stay in L1):
+  ``E_k = ∏_{j<k} cos φ_j`` by a running product on blocks of eight (Note [Blocks of eight]),
+  ``w_k = r·sin φ_k·E_k`` (then the last pair ``r·E_m·(cos θ, sin θ)``), written straight out;
+* backward recomputes the sines/cosines and ``E`` (nothing is saved but the inputs: extra memory
+  like weight norm's) and runs one reverse recurrence ``R_{k-1} = g_k sin φ_k + cos φ_k R_k``
+  (``R_{m-1} = g_m cos θ + g_{m+1} sin θ``), so that
+  ``∂/∂φ_k = r·E_k·(g_k cos φ_k − sin φ_k R_k)``, ``∂/∂θ = r·E_m·(g_{m+1} cos θ − g_m sin θ)``
   and ``∂/∂r = R_{-1} = Σ g_i u_i``. There is no division: the pole's ``1/cos φ`` of the
   ``tan φ`` form never appears, so the gradient is exact next to the poles too.
-* Four rows go through the two scans side by side (four independent dependency chains); the
-  float64 scratch (three rows of doubles per row in flight) stays in cache.
+
+Measured (``benchmarks/speed.py``, 1 thread): the first version ran the two scans as scalar
+chains, four rows side by side, over float64 scratch rows; the scan was then about a third of
+the forward. Blocks of eight and chunks took the kernel from ~2.7 + 4.1 ns to ~1.4 + 2.1 ns per
+weight (forward + backward, 512×4608), the float32 reduction ~0.3 ns of that.
 
 Instruction sets: x86-64 builds carry three versions of each loop (``target_clones``: AVX-512,
 AVX2+FMA and baseline x86-64) and the loader picks one by the CPU it runs on; other platforms get
@@ -71,156 +78,184 @@ SOURCE = r"""
 #define C6 -1.13596475577881948265e-11
 #define MAGIC 6755399441055744.0 /* 1.5·2^52: (x + MAGIC) − MAGIC rounds x to an integer */
 #define LIMIT 1e6
+#define LIMIT32 4096.0f
 
-GMP_INLINE void sincos_poly(double x, double *s, double *c, int f32) {
+/* float64 angles: sin and cos to ~2e-16 */
+GMP_INLINE void sincos_poly(double x, double *s, double *c) {
     double q = (x * 0.63661977236758134308 + MAGIC) - MAGIC;  /* nearest multiple of π/2 */
     double f = ((q * 0.25 - 0.375) + MAGIC) - MAGIC;          /* floor(q / 4) */
     double qi = q - 4.0 * f;                                  /* quadrant 0..3 */
     int odd = (qi == 1.0) | (qi == 3.0);
-    double sr, cr;
-    if (f32) {
-        /* Note [float32 lanes]: for float32 storage the polynomials run in float (twice the
-           lanes), on r = x − qπ/2 reduced in double. sin r is good to ~1 ulp of float, and the
-           cosine is carried as 1 − cos r (= z/2 − z²/24 + …, no cancellation), so that the
-           float64 running product of cos φ = 1 − d keeps d's relative precision: the product's
-           error is ~eps32·|log ∏ cos φ|, not ~n·eps32. Coefficients: Cephes' sinf/cosf. */
-        float r = (float)((x - q * PIO2_1) - q * PIO2_2);
-        float z = r * r;
-        float s32 = r + r * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f));
-        float d32 = z * (0.5f - z * (4.166664568298827e-2f - z * (1.388731625493765e-3f - z * 2.443315711809948e-5f)));
-        double sd = (double)s32, dd = (double)d32;
-        sr = sd;
-        cr = 1.0 - dd;
-    } else {
-        double r = ((x - q * PIO2_1) - q * PIO2_2) - q * PIO2_3;  /* |r| ≤ π/4 */
-        double z = r * r;
-        sr = r + r * z * (S1 + z * (S2 + z * (S3 + z * (S4 + z * (S5 + z * S6)))));
-        cr = (1.0 - 0.5 * z) + z * z * (C1 + z * (C2 + z * (C3 + z * (C4 + z * (C5 + z * C6)))));
-    }
+    double r = ((x - q * PIO2_1) - q * PIO2_2) - q * PIO2_3;  /* |r| ≤ π/4 */
+    double z = r * r;
+    double sr = r + r * z * (S1 + z * (S2 + z * (S3 + z * (S4 + z * (S5 + z * S6)))));
+    double cr = (1.0 - 0.5 * z) + z * z * (C1 + z * (C2 + z * (C3 + z * (C4 + z * (C5 + z * C6)))));
     double ss = odd ? cr : sr, cc = odd ? sr : cr;
     *s = (qi >= 2.0) ? -ss : ss;
     *c = ((qi == 1.0) | (qi == 2.0)) ? -cc : cc;
 }
 
-/* sin/cos of a[0..len) into s, c; returns nonzero where the polynomial path does not apply */
-#define DEF_SINCOS(T, SUF, F32)                                                    \
-GMP_CLONES static int sincos_row_##SUF(const T *a, double *s, double *c, long len) { \
-    int bad = 0;                                                                   \
-    for (long k = 0; k < len; k++) {                                               \
-        double x = (double)a[k];                                                   \
-        bad |= !(fabs(x) <= LIMIT);                                                \
-        sincos_poly(x, &s[k], &c[k], F32);                                         \
-    }                                                                              \
-    return bad;                                                                    \
-}                                                                                  \
-static void sincos_##SUF(const T *a, double *s, double *c, long len) {             \
-    if (sincos_row_##SUF(a, s, c, len))                                            \
-        for (long k = 0; k < len; k++) { s[k] = sin((double)a[k]); c[k] = cos((double)a[k]); } \
-}                                                                                  \
-/* w[k] = r·s[k]·E[k] */                                                           \
-GMP_CLONES static void scale_row_##SUF(T *w, const double *s, const double *E, double r, long m) { \
-    for (long k = 0; k < m; k++) w[k] = (T)(r * (s[k] * E[k]));                    \
-}                                                                                  \
-/* A[k] = g[k]·s[k] */                                                             \
-GMP_CLONES static void gs_row_##SUF(double *A, const T *g, const double *s, long m) { \
-    for (long k = 0; k < m; k++) A[k] = (double)g[k] * s[k];                       \
-}                                                                                  \
-/* ga[k] = r·E[k]·(g[k]·c[k] − s[k]·R[k]) */                                       \
-GMP_CLONES static void grad_row_##SUF(T *ga, const T *g, const double *s, const double *c, \
-                                      const double *E, const double *R, double r, long m) { \
-    for (long k = 0; k < m; k++) ga[k] = (T)(r * (E[k] * ((double)g[k] * c[k] - s[k] * R[k]))); \
+/* Note [float32 angles]: for float32 storage the sine and cosine run in float (twice the lanes):
+   Cody–Waite reduction by π/2 in three float parts (Cephes' sinf constants; exact for
+   |x| ≤ 4096, larger angles take libm), Cephes' sinf/cosf polynomials (~1 ulp of float). The
+   cosine is carried as d = 1 − cos r (= z/2 − z²/24 + …, no cancellation) and widened to double
+   as 1 − d, so that the float64 running product of cos φ keeps d's relative precision: the
+   product's error is ~eps32·|log ∏ cos φ|, not ~n·eps32. */
+GMP_INLINE void sincos_poly32(float x, double *s, double *c) {
+    float q = (x * 0.636619772367581343f + 12582912.0f) - 12582912.0f; /* 1.5·2^23 */
+    int qi = (int)q;
+    float r = ((x - q * 1.5703125f) - q * 4.837512969970703125e-4f) - q * 7.54978995489188216e-8f;
+    float z = r * r;
+    float s32 = r + r * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f));
+    float d32 = z * (0.5f - z * (4.166664568298827e-2f - z * (1.388731625493765e-3f - z * 2.443315711809948e-5f)));
+    double sd = (double)s32, cd = 1.0 - (double)d32;
+    double ss = (qi & 1) ? cd : sd, cc = (qi & 1) ? sd : cd;
+    *s = (qi & 2) ? -ss : ss;
+    *c = ((qi + 1) & 2) ? -cc : cc;
 }
+/* one angle; returns nonzero where the polynomial does not apply (then libm's sin/cos) */
+GMP_INLINE int sincos_el_f32(float x, double *s, double *c) { sincos_poly32(x, s, c); return !(fabsf(x) <= LIMIT32); }
+GMP_INLINE int sincos_el_f64(double x, double *s, double *c) { sincos_poly(x, s, c); return !(fabs(x) <= LIMIT); }
 
-DEF_SINCOS(float, f32, 1)
-DEF_SINCOS(double, f64, 0)
+/* Note [Blocks of eight]: the running products run on blocks of eight consecutive weights held in
+   one vector: inside a block, a prefix product (forward) or a suffix scan of the affine steps
+   R_{k-1} = g_k s_k + c_k R_k (backward) by three shift-and-combine steps; from block to block,
+   one scalar carries it. GCC's and clang's vector extensions: AVX-512 gets one register per
+   block, other targets two or four. */
+typedef double v8d __attribute__((vector_size(64)));
+typedef long long v8l __attribute__((vector_size(64)));
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SHUF8(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+#else
+#define SHUF8(x, y, ...) __builtin_shuffle(x, y, (v8l){__VA_ARGS__})
+#endif
+#define UP1(x, f) SHUF8(x, f, 8, 0, 1, 2, 3, 4, 5, 6)     /* lane l ← x[l-1]; lane 0 ← f[0] */
+#define UP2(x, f) SHUF8(x, f, 8, 9, 0, 1, 2, 3, 4, 5)
+#define UP4(x, f) SHUF8(x, f, 8, 9, 10, 11, 0, 1, 2, 3)
+#define DN1(x, f) SHUF8(x, f, 1, 2, 3, 4, 5, 6, 7, 8)     /* lane l ← x[l+1]; lane 7 ← f[0] */
+#define DN2(x, f) SHUF8(x, f, 2, 3, 4, 5, 6, 7, 8, 9)
+#define DN4(x, f) SHUF8(x, f, 4, 5, 6, 7, 8, 9, 10, 11)
+#define CH 256 /* angles per chunk of the forward: its s and c stay in L1 */
 
-/* rows [r0, r1) of a (rows, n-1) angle matrix → w (rows, n); returns 0, or 1 if out of memory.
-   Blocks of four rows: the running products of the four run side by side (four dependency
-   chains), everything else is a vectorized pass over one row. */
-#define DEF_FORWARD(T, SUF)                                                        \
+#define DEF_KERNEL(T, SUF)                                                           \
+/* s, c of a[0..len); returns nonzero where the polynomial does not apply */         \
+GMP_CLONES static int sincos_fast_##SUF(const T *a, double *s, double *c, long len) { \
+    int bad = 0;                                                                     \
+    for (long k = 0; k < len; k++) bad |= sincos_el_##SUF(a[k], &s[k], &c[k]);       \
+    return bad;                                                                      \
+}                                                                                    \
+static int sincos_##SUF(const T *a, double *s, double *c, long len, int slow) {      \
+    if (!slow) return sincos_fast_##SUF(a, s, c, len);                               \
+    for (long k = 0; k < len; k++) { s[k] = sin((double)a[k]); c[k] = cos((double)a[k]); } \
+    return 0;                                                                        \
+}                                                                                    \
+/* E_k = P·∏_{i<k} c_i over a chunk (len a multiple of 8); w_k = r·s_k·E_k if w, else   \
+   E_k into EE. Returns the carried product. */                                     \
+GMP_CLONES static double prefix_##SUF(const double *S, const double *C, double r, double P, \
+                                      T *w, double *EE, long len) {                 \
+    const v8d ONE = {1, 1, 1, 1, 1, 1, 1, 1};                                        \
+    for (long k = 0; k < len; k += 8) {                                              \
+        v8d s, c; __builtin_memcpy(&c, C + k, 64);                                   \
+        v8d in = c * UP1(c, ONE); in = in * UP2(in, ONE); in = in * UP4(in, ONE);    \
+        v8d E = UP1(in, ONE) * P;                                                    \
+        if (w) {                                                                     \
+            __builtin_memcpy(&s, S + k, 64);                                         \
+            v8d o = (s * r) * E; double t[8]; __builtin_memcpy(t, &o, 64);          \
+            for (int l = 0; l < 8; l++) w[k + l] = (T)t[l];                          \
+        } else __builtin_memcpy(EE + k, &E, 64);                                     \
+        P *= in[7];                                                                  \
+    }                                                                                \
+    return P;                                                                        \
+}                                                                                    \
+/* the reverse recurrence over [0, len) (a multiple of 8) from R, the sum after len-1:  \
+   ga_k = r·E_k·(g_k c_k − s_k R_k); returns R_{-1} = Σ g_i u_i over the row */       \
+GMP_CLONES static double suffix_##SUF(const double *S, const double *C, const double *EE, \
+                                      const T *g, double r, T *ga, long len, double R) { \
+    const v8d ONE = {1, 1, 1, 1, 1, 1, 1, 1}, ZERO = {0, 0, 0, 0, 0, 0, 0, 0};       \
+    for (long k = len - 8; k >= 0; k -= 8) {                                         \
+        v8d s, c, E, gv; double t[8];                                                \
+        __builtin_memcpy(&s, S + k, 64); __builtin_memcpy(&c, C + k, 64); __builtin_memcpy(&E, EE + k, 64); \
+        for (int l = 0; l < 8; l++) t[l] = (double)g[k + l];                         \
+        __builtin_memcpy(&gv, t, 64);                                                \
+        v8d A = gv * s, B = c, dA, dB; /* lane l: R_{k+l-1} = A + B·R_{k+l} */        \
+        dA = DN1(A, ZERO); dB = DN1(B, ONE); A = A + B * dA; B = B * dB;             \
+        dA = DN2(A, ZERO); dB = DN2(B, ONE); A = A + B * dA; B = B * dB;             \
+        dA = DN4(A, ZERO); dB = DN4(B, ONE); A = A + B * dA; B = B * dB;             \
+        v8d Rv = DN1(A, ZERO) + DN1(B, ONE) * R; /* lane l: R_{k+l} */               \
+        v8d o = (E * r) * (gv * c - s * Rv); __builtin_memcpy(t, &o, 64);            \
+        for (int l = 0; l < 8; l++) ga[k + l] = (T)t[l];                             \
+        R = A[0] + B[0] * R;                                                         \
+    }                                                                                \
+    return R;                                                                        \
+}                                                                                    \
+/* one row, chunk by chunk: a (n-1 angles) → w (n weights); buf holds 2·CH doubles */ \
+static int row_forward_##SUF(const T *a, double r, T *w, long n, double *buf, int slow) { \
+    long m = n - 2, mb = m - m % 8, t = n - 1 - mb; double P = 1.0, *S = buf, *C = buf + CH; \
+    int bad = 0;                                                                     \
+    for (long k = 0; k < mb; k += CH) {                                              \
+        long len = mb - k < CH ? mb - k : CH;                                        \
+        bad |= sincos_##SUF(a + k, S, C, len, slow);                                 \
+        P = prefix_##SUF(S, C, r, P, w + k, NULL, len);                              \
+    }                                                                                \
+    bad |= sincos_##SUF(a + mb, S, C, t, slow); /* the tail: ≤ 7 latitudes and θ */   \
+    for (long k = 0; k < t - 1; k++) { w[mb + k] = (T)((S[k] * r) * P); P *= C[k]; } \
+    double e = r * P;                                                                \
+    w[m] = (T)(e * C[t - 1]); w[m + 1] = (T)(e * S[t - 1]);                          \
+    return bad;                                                                      \
+}                                                                                    \
+/* one row's backward: s, c and E of the whole row into S, C, EE, then the recurrence */ \
+static double row_backward_##SUF(const T *a, const T *g, double r, T *ga, long n,    \
+                                 double *S, double *C, double *EE) {                \
+    long m = n - 2, mb = m - m % 8; double P = 1.0;                                  \
+    if (sincos_##SUF(a, S, C, n - 1, 0)) sincos_##SUF(a, S, C, n - 1, 1);            \
+    for (long k = 0; k < mb; k += CH) {                                              \
+        long len = mb - k < CH ? mb - k : CH;                                        \
+        P = prefix_##SUF(S + k, C + k, 1.0, P, NULL, EE + k, len);                   \
+    }                                                                                \
+    for (long k = mb; k <= m; k++) { EE[k] = P; P *= C[k]; }                         \
+    double gm = (double)g[m], gn = (double)g[m + 1];                                 \
+    ga[m] = (T)(r * (EE[m] * (gn * C[m] - gm * S[m])));                              \
+    double R = gm * C[m] + gn * S[m];                                                \
+    for (long k = m - 1; k >= mb; k--) {                                             \
+        double gk = (double)g[k];                                                    \
+        ga[k] = (T)(r * (EE[k] * (gk * C[k] - S[k] * R)));                           \
+        R = gk * S[k] + C[k] * R;                                                    \
+    }                                                                                \
+    return mb ? suffix_##SUF(S, C, EE, g, r, ga, mb, R) : R;                         \
+}                                                                                    \
+/* rows [r0, r1) of a (rows, n-1) angle matrix → w (rows, n); returns 0, or 1 if out of memory */ \
 int gmp_forward_##SUF(const T *a, const T *radius, T *w, long r0, long r1, long n) { \
-    long m = n - 2, len = n - 1;                                                   \
-    double *buf = (double *)malloc(sizeof(double) * 8 * (size_t)(len > 0 ? len : 1)); \
-    if (!buf) return 1;                                                            \
-    for (long i = r0; i < r1; i += 4) {                                            \
-        T *wr[4]; double *s[4], *c[4], rr[4], P[4];                                \
-        for (int j = 0; j < 4; j++) {                                              \
-            long row = i + j < r1 ? i + j : r1 - 1; /* a short block repeats its last row */ \
-            wr[j] = w + row * n; rr[j] = (double)radius[row];                      \
-            s[j] = buf + (2 * j) * len; c[j] = buf + (2 * j + 1) * len; P[j] = 1.0;  \
-            sincos_##SUF(a + row * len, s[j], c[j], len);                          \
-        }                                                                          \
-        for (long k = 0; k < m; k++)                                               \
-            for (int j = 0; j < 4; j++) {                                          \
-                double ck = c[j][k];                                               \
-                c[j][k] = P[j]; /* c becomes E_k = ∏_{i<k} cos φ_i */             \
-                P[j] *= ck;                                                        \
-            }                                                                      \
-        for (int j = 0; j < 4; j++) {                                              \
-            scale_row_##SUF(wr[j], s[j], c[j], rr[j], m);                          \
-            double e = rr[j] * P[j];                                               \
-            wr[j][m] = (T)(e * c[j][m]);                                           \
-            wr[j][m + 1] = (T)(e * s[j][m]);                                       \
-        }                                                                          \
-    }                                                                              \
-    free(buf);                                                                     \
-    return 0;                                                                      \
+    double *buf = (double *)malloc(sizeof(double) * 2 * CH);                         \
+    if (!buf) return 1;                                                              \
+    for (long i = r0; i < r1; i++)                                                   \
+        if (row_forward_##SUF(a + i * (n - 1), (double)radius[i], w + i * n, n, buf, 0)) \
+            row_forward_##SUF(a + i * (n - 1), (double)radius[i], w + i * n, n, buf, 1); \
+    free(buf);                                                                       \
+    return 0;                                                                        \
+}                                                                                    \
+/* gradients of <g, w> for rows [r0, r1): ga (rows, n-1) and gr (rows) */            \
+int gmp_backward_##SUF(const T *a, const T *radius, const T *g, T *ga, T *gr,        \
+                       long r0, long r1, long n) {                                   \
+    long ld = ((n + 7) & ~7L) + 8; /* padded: the three scratch rows do not alias in cache */ \
+    double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)ld);                \
+    if (!buf) return 1;                                                              \
+    for (long i = r0; i < r1; i++)                                                   \
+        gr[i] = (T)row_backward_##SUF(a + i * (n - 1), g + i * n, (double)radius[i], ga + i * (n - 1), n, \
+                                      buf, buf + ld, buf + 2 * ld);                  \
+    free(buf);                                                                       \
+    return 0;                                                                        \
+}                                                                                    \
+/* the sines and cosines on their own, for tests */                                  \
+int gmp_sincos_##SUF(const T *a, double *s, double *c, long len) {                   \
+    if (sincos_##SUF(a, s, c, len, 0)) sincos_##SUF(a, s, c, len, 1);                \
+    return 0;                                                                        \
 }
 
-/* gradients of <g, w> for rows [r0, r1): ga (rows, n-1) and gr (rows) */
-#define DEF_BACKWARD(T, SUF)                                                       \
-int gmp_backward_##SUF(const T *a, const T *radius, const T *g, T *ga, T *gr,      \
-                       long r0, long r1, long n) {                                 \
-    long m = n - 2, len = n - 1;                                                   \
-    double *buf = (double *)malloc(sizeof(double) * 16 * (size_t)(len > 0 ? len : 1)); \
-    if (!buf) return 1;                                                            \
-    for (long i = r0; i < r1; i += 4) {                                            \
-        const T *gw[4]; T *gar[4]; double *s[4], *c[4], *E[4], *A[4], rr[4], P[4], R[4]; \
-        long rows[4];                                                              \
-        for (int j = 0; j < 4; j++) {                                              \
-            long row = i + j < r1 ? i + j : r1 - 1;                                \
-            rows[j] = row;                                                         \
-            gw[j] = g + row * n; gar[j] = ga + row * len;                          \
-            rr[j] = (double)radius[row]; P[j] = 1.0;                               \
-            s[j] = buf + (4 * j) * len; c[j] = s[j] + len; E[j] = c[j] + len; A[j] = E[j] + len; \
-            sincos_##SUF(a + row * len, s[j], c[j], len);                          \
-            gs_row_##SUF(A[j], gw[j], s[j], m);                                    \
-        }                                                                          \
-        for (long k = 0; k < m; k++)                                               \
-            for (int j = 0; j < 4; j++) { E[j][k] = P[j]; P[j] *= c[j][k]; }       \
-        for (int j = 0; j < 4; j++) {                                              \
-            double gm = (double)gw[j][m], gn = (double)gw[j][m + 1];               \
-            gar[j][m] = (T)(rr[j] * (P[j] * (gn * c[j][m] - gm * s[j][m])));       \
-            R[j] = gm * c[j][m] + gn * s[j][m];                                    \
-        }                                                                          \
-        for (long k = m - 1; k >= 0; k--)                                          \
-            for (int j = 0; j < 4; j++) {                                          \
-                double ak = A[j][k];                                               \
-                A[j][k] = R[j]; /* A becomes R_k, the sum after k */               \
-                R[j] = ak + c[j][k] * R[j];                                        \
-            }                                                                      \
-        for (int j = 0; j < 4; j++) {                                              \
-            grad_row_##SUF(gar[j], gw[j], s[j], c[j], E[j], A[j], rr[j], m);       \
-            gr[rows[j]] = (T)R[j];                                                 \
-        }                                                                          \
-    }                                                                              \
-    free(buf);                                                                     \
-    return 0;                                                                      \
-}
-
-DEF_FORWARD(float, f32)
-DEF_FORWARD(double, f64)
-DEF_BACKWARD(float, f32)
-DEF_BACKWARD(double, f64)
-
-/* the polynomial sin/cos on their own, for tests */
-int gmp_sincos_f64(const double *a, double *s, double *c, long len) {
-    sincos_f64(a, s, c, len);
-    return 0;
-}
+DEF_KERNEL(float, f32)
+DEF_KERNEL(double, f64)
 """
 
-_FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-std=gnu99", "-ffp-contract=fast"]
+_FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-std=gnu99", "-ffp-contract=fast", "-Wno-psabi"]
 _LIB: Optional[ctypes.CDLL] = None
 _TRIED = False
 _STATUS = "not loaded yet"
@@ -283,7 +318,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         f.argtypes, f.restype = [p, p, p, L, L, L], ctypes.c_int
         b = getattr(lib, f"gmp_backward_{suf}")
         b.argtypes, b.restype = [p, p, p, p, p, L, L, L], ctypes.c_int
-    lib.gmp_sincos_f64.argtypes, lib.gmp_sincos_f64.restype = [p, p, p, L], ctypes.c_int
+        s = getattr(lib, f"gmp_sincos_{suf}")
+        s.argtypes, s.restype = [p, p, p, L], ctypes.c_int
 
 
 def load() -> Optional[ctypes.CDLL]:

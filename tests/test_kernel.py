@@ -69,17 +69,43 @@ def test_polynomial_sin_cos_within_2e_16():
 
 
 @needs_kernel
-@settings(max_examples=25, deadline=None)
+@pytest.mark.parametrize("part", ["polynomial", "beyond"])
+def test_float32_sin_cos_within_an_ulp_and_one_minus_cos_relative(part):
+    """Note [float32 angles]: float reduction up to 4096, libm beyond (a call with one such angle
+    takes libm for all of them, so the angles beyond are passed one at a time); 1 − cos keeps its relative
+    precision near 0 (the reference writes it as 2 sin²(x/2), without cancellation)."""
+    if part == "polynomial":
+        x = torch.cat([torch.linspace(-4096, 4096, 400_001), torch.tensor([0.0, 1e-30, -1e-3]), torch.randn(20_000) * 3])
+    else:
+        x = torch.tensor([4096.0004, -4100.0, 3e6, -5e7, 1e9, float("inf")])
+    s, c = torch.empty(x.numel(), dtype=torch.float64), torch.empty(x.numel(), dtype=torch.float64)
+    calls = [(0, x.numel())] if part == "polynomial" else [(i, 1) for i in range(x.numel())]  # one at a time
+    for i, k in calls:
+        LIB.gmp_sincos_f32(x[i:].data_ptr(), s[i:].data_ptr(), c[i:].data_ptr(), k)
+    xd = x.double()
+    finite = xd.isfinite()
+    assert s[~finite].isnan().all() and c[~finite].isnan().all()
+    assert (s - torch.sin(xd))[finite].abs().max() <= (1.2e-7 if part == "polynomial" else 1e-15)
+    assert (c - torch.cos(xd))[finite].abs().max() <= (1.2e-7 if part == "polynomial" else 1e-15)
+    if part == "polynomial":
+        small = (xd.abs() < 0.7) & (xd.abs() > 1e-18)
+        d_ref = 2 * torch.sin(xd[small] / 2) ** 2
+        assert (((1 - c[small]) - d_ref).abs() / d_ref).max() <= 3e-7
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(1, 11),
-    n=st.sampled_from([2, 3, 4, 5, 17, 130]),
+    n=st.sampled_from([2, 3, 4, 5, 9, 10, 11, 17, 130, 600]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
-    spread=st.sampled_from([0.0, 1.0, 8.0, 3e6]),
+    spread=st.sampled_from([0.0, 1.0, 8.0, 1e4, 3e6]),
     seed=st.integers(0, 2**16),
 )
 def test_kernel_matches_torch_map(rows, n, dtype, spread, seed):
-    """Canonical directions, drifted angles (|φ| up to 3e6: libm's path) and signed radii; rows
-    that are not a multiple of the kernel's blocks of four."""
+    """Canonical directions, drifted angles (|φ| up to 5e3 and 1.5e6: libm's path for float32 and
+    float64) and signed radii; fan-ins around the kernel's blocks of eight (n − 2 = 7, 8, 9) and
+    over several chunks of 256 (600)."""
     with seeded(seed):
         _, lat = to_hyperspherical(torch.randn(rows, n, dtype=torch.float64))
         lat = lat + spread * (torch.rand_like(lat) - 0.5)
