@@ -179,7 +179,7 @@ def _kernel_for(radius: Tensor, angles: Tensor):
     """The loaded kernel if it applies to these (already promoted) tensors, else ``None``."""
     if not _USE_KERNEL or angles.device.type != "cpu" or angles.dtype not in _KERNEL_DTYPES:
         return None
-    if radius.dtype != angles.dtype or radius.device != angles.device or radius.shape != angles.shape[:-1]:
+    if radius.dtype != angles.dtype or radius.device != angles.device or tuple(radius.shape) != tuple(angles.shape)[:-1]:
         return None
     if angles.numel() == 0 or functorch_active() or exporting() or not is_plain(radius, angles):
         return None

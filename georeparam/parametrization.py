@@ -77,8 +77,9 @@ class _Geometric(nn.Module):
         """
         if not self.sign_after:
             return radius
-        zero = (radius.detach() == 0).to(radius.dtype) * torch.finfo(radius.dtype).tiny
-        return radius * unit_sign(radius) + zero
+        r = radius.detach()
+        zero = (r == 0).to(r.dtype).mul_(torch.finfo(r.dtype).tiny)  # in r's dtype: float64's tiny is 0 in float32
+        return torch.addcmul(zero, radius, unit_sign(r))  # one op with a gradient (∂/∂r = s)
 
     # -- the map -------------------------------------------------------------------------------
     def forward(self, radius: Tensor, angles: Tensor) -> Tensor:
@@ -88,6 +89,8 @@ class _Geometric(nn.Module):
         # needed]) and the layer's own op casts the finished weight.
         if angles.is_meta:  # Note [Meta tensors]: shapes only
             return self.from_units(radius.new_empty((self.units, self.fan_in)))
+        if not _autocast_on(angles.device.type):  # entering the context costs more than the map of a small layer
+            return self.from_units(scaled_unit(self.effective_radius(radius), angles, self.mode))
         with torch.autocast(device_type=angles.device.type, enabled=False):
             return self.from_units(scaled_unit(self.effective_radius(radius), angles, self.mode))
 
@@ -200,6 +203,13 @@ class _GeometricBias(nn.Module):
 
     def extra_repr(self) -> str:
         return f"radius_from={self.weight_name!r}"
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def unit_coordinates(units: Tensor) -> Tuple[Tensor, Tensor]:

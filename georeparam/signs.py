@@ -38,9 +38,10 @@ __all__ = ["SignHook", "unit_sign", "attach", "bake", "column_signs", "live_hook
 
 
 def unit_sign(radius: Tensor) -> Tensor:
-    """``sign(r)`` with ``sign(0) = +1``, as a constant (no gradient): Note [The gradient at r = 0]."""
+    """``sign(r)`` with ``sign(0) = +1`` (``-0.0`` too), as a constant (no gradient): Note [The gradient at r = 0]."""
     r = radius.detach()
-    return 1 - 2 * (r < 0).to(r.dtype)
+    s = torch.where(r < 0, -1.0, 1.0)  # two ops (was four: ~12 → ~8 µs on a small layer)
+    return s if s.dtype == r.dtype else s.to(r.dtype)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -78,12 +79,17 @@ class SignHook:
         self.host = host
         self.handle_id: Optional[int] = None
 
-    def sign(self) -> Tensor:
+    def radius(self) -> Optional[Tensor]:
+        """The layer's signed radius, read live; ``None`` for a baked constant sign."""
         if self.layer is None:
-            return getattr(self.host, _BUFFER)
+            return None
         plists = self.layer.parametrizations if hasattr(self.layer, "parametrizations") else {}
         plist = plists[self.weight_name] if self.weight_name in plists else self._weight_list
-        return unit_sign(plist.original0)
+        return plist.original0
+
+    def sign(self) -> Tensor:
+        r = self.radius()
+        return getattr(self.host, _BUFFER) if r is None else unit_sign(r)
 
     def orphaned(self) -> bool:
         """Whether torch's own remover took the layer's GmP weight away (the sign lives on)."""
@@ -93,10 +99,11 @@ class SignHook:
         return self.weight_name not in plists or plists[self.weight_name] is not self._weight_list
 
     def _apply(self, x: Tensor) -> Tensor:
-        s = self.sign()
-        if _skippable(s, x):
+        r = self.radius()
+        s = getattr(self.host, _BUFFER) if r is None else r.detach()
+        if _skippable(s, x):  # all r ≥ 0 (all s = +1): one reduction, no sign tensor
             return x
-        s = s.to(x.dtype)
+        s = (s if r is None else unit_sign(r)).to(x.dtype)
         dim = self.channel_dim if self.channel_dim >= 0 else x.dim() + self.channel_dim
         size = x.shape[dim]
         if size != self.units:  # flattened: each unit's block of size // units entries
@@ -115,7 +122,8 @@ class SignHook:
 
 
 def _skippable(s: Tensor, x: Tensor) -> bool:
-    """All signs +1, known without a device sync or a traced branch: the multiply can be skipped.
+    """All of ``s`` (signs, or the radii they come from) ``≥ 0``, known without a device sync or a
+    traced branch: the multiply can be skipped.
 
     # Note [Skipping an all-positive sign]
     Multiplying every activation by ``s`` costs one elementwise pass forward and one backward,
@@ -131,7 +139,7 @@ def _skippable(s: Tensor, x: Tensor) -> bool:
         return False
     if type(s) is not Tensor or _wrapped(s) or _wrapped(x):
         return False
-    return bool((s > 0).all())
+    return s.numel() == 0 or bool(s.min() >= 0)  # a NaN radius is not skipped (its sign is +1 anyway)
 
 
 def _wrapped(t: Tensor) -> bool:

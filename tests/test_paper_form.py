@@ -225,6 +225,24 @@ def test_gradient_at_zero_radius_is_the_papers():
     torch.testing.assert_close(geometry(model[0]).offset.grad, ref[0].lam.grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_effective_radius_is_abs_with_tiny_zero_and_sign_gradient(dtype):
+    """|r|, an exact ±0 carried as the dtype's smallest normal, ∂/∂r = sign(r) with sign(±0) = +1,
+    in the radius's own dtype (float64's tiny is 0 in float32: computing it there would lose it)."""
+    from georeparam.parametrization import _Geometric
+    from georeparam.signs import unit_sign
+
+    p = _Geometric((4, 3), sign_after=True)
+    r = torch.tensor([2.5, -3.0, 0.0, -0.0, float(torch.finfo(dtype).tiny) * 4], dtype=dtype, requires_grad=True)
+    eff = p.effective_radius(r)
+    eff.backward(torch.ones_like(eff))
+    tiny = torch.finfo(dtype).tiny
+    assert eff.dtype == dtype
+    assert eff.tolist() == [2.5, 3.0, tiny, tiny, tiny * 4]
+    assert r.grad.tolist() == [1.0, -1.0, 1.0, 1.0, 1.0]
+    assert unit_sign(r).dtype == dtype and unit_sign(r).tolist() == [1.0, -1.0, 1.0, 1.0, 1.0]
+
+
 def negative_model(case="conv_flat", seed=2):
     model, x, y = data(case, seed)
     register(model)
