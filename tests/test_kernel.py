@@ -66,29 +66,37 @@ def test_polynomial_sin_cos_within_2e_16():
     LIB.gmp_sincos_f64(x.data_ptr(), s.data_ptr(), c.data_ptr(), x.numel())
     assert (s - torch.sin(x)).abs().max() <= 4.5e-16
     assert (c - torch.cos(x)).abs().max() <= 4.5e-16
+    x = torch.linspace(-math.pi / 4, math.pi / 4, 100_001, dtype=torch.float64)  # Note [Small angles]
+    s, c = torch.empty_like(x), torch.empty_like(x)
+    LIB.gmp_sincos_f64(x.data_ptr(), s.data_ptr(), c.data_ptr(), x.numel())
+    assert (s - torch.sin(x)).abs().max() <= 2.5e-16 and (c - torch.cos(x)).abs().max() <= 2.5e-16
 
 
 @needs_kernel
-@pytest.mark.parametrize("part", ["polynomial", "beyond"])
+@pytest.mark.parametrize("part", ["polynomial", "small", "past small", "beyond"])
 def test_float32_sin_cos_within_an_ulp_and_one_minus_cos_relative(part):
     """Note [float32 angles]: float reduction up to 4096, libm beyond (a call with one such angle
     takes libm for all of them, so the angles beyond are passed one at a time); 1 − cos keeps its relative
     precision near 0 (the reference writes it as 2 sin²(x/2), without cancellation)."""
     if part == "polynomial":
         x = torch.cat([torch.linspace(-4096, 4096, 400_001), torch.tensor([0.0, 1e-30, -1e-3]), torch.randn(20_000) * 3])
+    elif part == "small":  # Note [Small angles]: every angle within ±π/4, no reduction
+        x = torch.cat([torch.linspace(-0.7853981, 0.7853981, 200_001), torch.tensor([0.0, 1e-30, -1e-3])])
+    elif part == "past small":  # just past ±π/4: the reduction must run
+        x = torch.tensor([0.7853982, -0.7853982, 0.8, 1.0, -1.5, 1.57, 2.5, -3.1])
     else:
         x = torch.tensor([4096.0004, -4100.0, 3e6, -5e7, 1e9, float("inf")])
     s, c = torch.empty(x.numel(), dtype=torch.float64), torch.empty(x.numel(), dtype=torch.float64)
-    calls = [(0, x.numel())] if part == "polynomial" else [(i, 1) for i in range(x.numel())]  # one at a time
+    calls = [(0, x.numel())] if part in ("polynomial", "small") else [(i, 1) for i in range(x.numel())]  # one at a time
     for i, k in calls:
         LIB.gmp_sincos_f32(x[i:].data_ptr(), s[i:].data_ptr(), c[i:].data_ptr(), k)
     xd = x.double()
     finite = xd.isfinite()
     assert s[~finite].isnan().all() and c[~finite].isnan().all()
-    assert (s - torch.sin(xd))[finite].abs().max() <= (1.2e-7 if part == "polynomial" else 1e-15)
-    assert (c - torch.cos(xd))[finite].abs().max() <= (1.2e-7 if part == "polynomial" else 1e-15)
-    if part == "polynomial":
-        small = (xd.abs() < 0.7) & (xd.abs() > 1e-18)
+    assert (s - torch.sin(xd))[finite].abs().max() <= (1e-15 if part == "beyond" else 1.2e-7)
+    assert (c - torch.cos(xd))[finite].abs().max() <= (1e-15 if part == "beyond" else 1.2e-7)
+    if part in ("polynomial", "small"):
+        small = (xd.abs() < 0.7) & (xd.abs() > 1e-4)  # below, 1 − c is limited by c's own float64 spacing
         d_ref = 2 * torch.sin(xd[small] / 2) ** 2
         assert (((1 - c[small]) - d_ref).abs() / d_ref).max() <= 3e-7
 
