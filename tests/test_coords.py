@@ -538,3 +538,27 @@ def test_bad_arguments():
         to_cartesian(torch.ones(2, 3), mode="fastest")
     with pytest.raises(ValueError, match="Got:"):
         to_cartesian(torch.ones(2, 3), convention="spherical")
+
+
+# -------------------------------------------------------------------------------------------------
+# Note [Row blocks]: a large input in blocks of rows gives the same bits
+# -------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=batches(max_n=17, min_n=2), convention=st.sampled_from(["latitude", "polar"]), block=st.integers(1, 40))
+def test_row_blocks_are_bit_identical(x, convention, block):
+    """Blocks of any size (here down to one row) against the whole input at once: the same radius,
+    angles and row norms, sign bits included (zero rows, -0.0, float64 rows that need scaling)."""
+    import georeparam.coords as coords
+
+    whole = coords.to_hyperspherical(x, convention=convention) + (coords.row_norms(x),)
+    saved, coords._BLOCK = coords._BLOCK, block
+    try:
+        n = x.shape[-1]
+        assert coords._blocked(x) == (x.dim() >= 2 and x.numel() > 2 * block and x.numel() // n > max(1, block // n))
+        parts = coords.to_hyperspherical(x, convention=convention) + (coords.row_norms(x),)
+    finally:
+        coords._BLOCK = saved
+    for a, b in zip(whole, parts):
+        assert bitwise_equal(a, b)
