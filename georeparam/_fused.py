@@ -80,13 +80,20 @@ def unit(angles: Tensor, mode: str = "exact") -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 # Note [Kernel threads]
-# ctypes releases the GIL, so torch.get_num_threads() row ranges run at once on a small pool of
-# Python threads (the caller runs one range itself). Below 2**16 weights the hand-over costs
-# more than it saves and one thread does it all. The pool is created on first use and forgotten
-# in a forked child.
+# Below 2**16 weights one thread does it all (handing over costs more than it saves). Above,
+# the rows are split over torch.get_num_threads() threads:
+# * where the kernel was built with OpenMP (Linux, GCC: the library then needs libgomp.so.1,
+#   which resolves to the copy torch's CPU build already loaded), inside one call, on torch's own
+#   OpenMP pool. Measured with Python threads instead (2 threads, wall time): a matmul's OpenMP
+#   workers keep spinning for a while after it, and Python threads started right then competed
+#   with them for the two cores: the map after weight norm's took 3.7× its time, after itself 2.2×;
+# * otherwise on a small pool of Python threads (ctypes releases the GIL; the caller runs one
+#   range itself), created on first use and forgotten in a forked child.
+# Every split gives the same bits (rows are independent; tests/test_kernel.py).
 _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_SIZE = 0
 _PARALLEL_MIN_ELEMENTS = 1 << 16
+_USE_OPENMP = True  # tests turn it off to exercise the Python pool
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -106,18 +113,20 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _over_rows(call, rows: int, n: int) -> None:
-    """``call(r0, r1)`` over ``[0, rows)``, split across threads (Note [Kernel threads])."""
+def _over_rows(lib, call, rows: int, n: int) -> None:
+    """``call(r0, r1, threads)`` over ``[0, rows)`` (Note [Kernel threads])."""
     threads = min(torch.get_num_threads(), max(1, rows // 4))
     if threads <= 1 or rows * n < _PARALLEL_MIN_ELEMENTS:
-        if call(0, rows):
+        threads = 1
+    if threads == 1 or (_USE_OPENMP and lib.gmp_openmp()):
+        if call(0, rows, threads):
             raise MemoryError("georeparam's kernel could not allocate its scratch rows")
         return
     per = -(-rows // threads)
     per += (-per) % 4  # ranges of whole multiples of four rows (any split is exact)
     bounds = [(r0, min(rows, r0 + per)) for r0 in range(0, rows, per)]
-    futures = [_pool(len(bounds) - 1).submit(call, r0, r1) for r0, r1 in bounds[1:]]
-    bad = call(*bounds[0])
+    futures = [_pool(len(bounds) - 1).submit(call, r0, r1, 1) for r0, r1 in bounds[1:]]
+    bad = call(*bounds[0], 1)
     bad = any([f.result() for f in futures]) or bad
     if bad:
         raise MemoryError("georeparam's kernel could not allocate its scratch rows")
@@ -128,7 +137,7 @@ def _kernel_forward(lib, radius: Tensor, angles: Tensor) -> Tensor:
     w = angles.new_empty(rows, n)
     fn = lib.gmp_forward_f32 if angles.dtype == torch.float32 else lib.gmp_forward_f64
     a, r, o = angles.data_ptr(), radius.data_ptr(), w.data_ptr()
-    _over_rows(lambda r0, r1: fn(a, r, o, r0, r1, n), rows, n)
+    _over_rows(lib, lambda r0, r1, th: fn(a, r, o, r0, r1, n, th), rows, n)
     return w
 
 
@@ -139,7 +148,7 @@ def _kernel_backward(lib, radius: Tensor, angles: Tensor, grad_w: Tensor) -> Tup
     gr = torch.empty_like(radius)
     fn = lib.gmp_backward_f32 if angles.dtype == torch.float32 else lib.gmp_backward_f64
     a, r, gp, gap, grp = angles.data_ptr(), radius.data_ptr(), g.data_ptr(), ga.data_ptr(), gr.data_ptr()
-    _over_rows(lambda r0, r1: fn(a, r, gp, gap, grp, r0, r1, n), rows, n)
+    _over_rows(lib, lambda r0, r1, th: fn(a, r, gp, gap, grp, r0, r1, n, th), rows, n)
     return gr, ga
 
 

@@ -53,6 +53,9 @@ from typing import Optional
 SOURCE = r"""
 #include <math.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(GMP_CLONES_OK)
 #define GMP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -157,6 +160,19 @@ typedef long long v8l __attribute__((vector_size(64)));
 #define DN4(x, f) SHUF8(x, f, 4, 5, 6, 7, 8, 9, 10, 11)
 #define CH 256 /* angles per chunk of the forward: its s and c stay in L1 */
 
+/* Rows split over OpenMP threads where the build has it: torch's own pool (the library is
+   loaded into a process where torch's libgomp.so.1 already is, and shares it). */
+#ifdef _OPENMP
+#define GMP_PRAGMA(x) _Pragma(#x)
+#define GMP_PARALLEL(threads, oom) GMP_PRAGMA(omp parallel num_threads(threads) if (threads > 1) reduction(|:oom))
+#define GMP_FOR GMP_PRAGMA(omp for schedule(static))
+int gmp_openmp(void) { return 1; }
+#else
+#define GMP_PARALLEL(threads, oom)
+#define GMP_FOR
+int gmp_openmp(void) { return 0; }
+#endif
+
 #define DEF_KERNEL(T, SUF)                                                           \
 /* s, c of a[0..len); returns nonzero where the polynomial does not apply */         \
 GMP_CLONES static int sincos_fast_##SUF(const T *a, double *s, double *c, long len) { \
@@ -254,27 +270,42 @@ static double row_backward_##SUF(const T *a, const T *g, double r, T *ga, long n
     }                                                                                \
     return mb ? suffix_##SUF(S, C, EE, g, r, ga, mb, R) : R;                         \
 }                                                                                    \
-/* rows [r0, r1) of a (rows, n-1) angle matrix → w (rows, n); returns 0, or 1 if out of memory */ \
-int gmp_forward_##SUF(const T *a, const T *radius, T *w, long r0, long r1, long n) { \
-    double *buf = (double *)malloc(sizeof(double) * 2 * CH);                         \
-    if (!buf) return 1;                                                              \
-    for (long i = r0; i < r1; i++)                                                   \
-        if (row_forward_##SUF(a + i * (n - 1), (double)radius[i], w + i * n, n, buf, 0)) \
-            row_forward_##SUF(a + i * (n - 1), (double)radius[i], w + i * n, n, buf, 1); \
-    free(buf);                                                                       \
-    return 0;                                                                        \
+/* rows [r0, r1) of a (rows, n-1) angle matrix → w (rows, n) on `threads` threads (Note
+   [Kernel threads] in _fused.py); returns 0, or 1 if out of memory */                \
+int gmp_forward_##SUF(const T *a, const T *radius, T *w, long r0, long r1, long n, int threads) { \
+    int oom = 0;                                                                     \
+    GMP_PARALLEL(threads, oom)                                                       \
+    {                                                                                \
+        double *buf = (double *)malloc(sizeof(double) * 2 * CH);                     \
+        oom |= !buf;                                                                 \
+        GMP_FOR                                                                      \
+        for (long i = r0; i < r1; i++) {                                             \
+            if (!buf) continue;                                                      \
+            if (row_forward_##SUF(a + i * (n - 1), (double)radius[i], w + i * n, n, buf, 0)) \
+                row_forward_##SUF(a + i * (n - 1), (double)radius[i], w + i * n, n, buf, 1); \
+        }                                                                            \
+        free(buf);                                                                   \
+    }                                                                                \
+    return oom;                                                                      \
 }                                                                                    \
 /* gradients of <g, w> for rows [r0, r1): ga (rows, n-1) and gr (rows) */            \
 int gmp_backward_##SUF(const T *a, const T *radius, const T *g, T *ga, T *gr,        \
-                       long r0, long r1, long n) {                                   \
+                       long r0, long r1, long n, int threads) {                      \
     long ld = ((n + 7) & ~7L) + 8; /* padded: the three scratch rows do not alias in cache */ \
-    double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)ld);                \
-    if (!buf) return 1;                                                              \
-    for (long i = r0; i < r1; i++)                                                   \
-        gr[i] = (T)row_backward_##SUF(a + i * (n - 1), g + i * n, (double)radius[i], ga + i * (n - 1), n, \
-                                      buf, buf + ld, buf + 2 * ld);                  \
-    free(buf);                                                                       \
-    return 0;                                                                        \
+    int oom = 0;                                                                     \
+    GMP_PARALLEL(threads, oom)                                                       \
+    {                                                                                \
+        double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)ld);            \
+        oom |= !buf;                                                                 \
+        GMP_FOR                                                                      \
+        for (long i = r0; i < r1; i++) {                                             \
+            if (!buf) continue;                                                      \
+            gr[i] = (T)row_backward_##SUF(a + i * (n - 1), g + i * n, (double)radius[i], ga + i * (n - 1), n, \
+                                          buf, buf + ld, buf + 2 * ld);              \
+        }                                                                            \
+        free(buf);                                                                   \
+    }                                                                                \
+    return oom;                                                                      \
 }                                                                                    \
 /* the sines and cosines on their own, for tests */                                  \
 int gmp_sincos_##SUF(const T *a, double *s, double *c, long len) {                   \
@@ -323,7 +354,16 @@ def _is_gcc(cc: str) -> bool:
     return "clang" not in out.lower() and ("gcc" in out.lower() or "free software foundation" in out.lower())
 
 
-def _build(cc: str, path: str) -> None:
+def _process_has_libgomp() -> bool:
+    """Whether GNU OpenMP is already loaded here (torch's CPU builds on Linux bring it)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "libgomp" in f.read()
+    except OSError:
+        return False
+
+
+def _build(cc: str, path: str, openmp: bool) -> None:
     defines = []
     if platform.machine() in ("x86_64", "AMD64") and sys.platform.startswith("linux") and _is_gcc(cc):
         defines = ["-DGMP_CLONES_OK"]
@@ -334,7 +374,15 @@ def _build(cc: str, path: str) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(SOURCE)
         print(f"georeparam: compiling the fused CPU kernel once (cached in {os.path.dirname(path)})", file=sys.stderr)
-        subprocess.run([cc, *_FLAGS, *defines, src, "-o", tmp, "-lm"], check=True, capture_output=True, timeout=300)
+        cmd = [cc, *_FLAGS, *defines, src, "-o", tmp, "-lm"]
+        try:
+            # Note [Kernel threads] (_fused.py): with -fopenmp the library needs libgomp.so.1, which
+            # the loader resolves to the copy torch already loaded: one thread pool for both.
+            if not openmp:
+                raise subprocess.CalledProcessError(0, cmd)
+            subprocess.run([*cmd, "-fopenmp"], check=True, capture_output=True, timeout=300)
+        except subprocess.CalledProcessError:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=300)
         os.replace(tmp, path)  # atomic: a concurrent build by another process is harmless
     finally:
         for p in (src, tmp):
@@ -344,11 +392,12 @@ def _build(cc: str, path: str) -> None:
 
 def _bind(lib: ctypes.CDLL) -> None:
     p, L = ctypes.c_void_p, ctypes.c_long
+    lib.gmp_openmp.argtypes, lib.gmp_openmp.restype = [], ctypes.c_int
     for suf in ("f32", "f64"):
         f = getattr(lib, f"gmp_forward_{suf}")
-        f.argtypes, f.restype = [p, p, p, L, L, L], ctypes.c_int
+        f.argtypes, f.restype = [p, p, p, L, L, L, ctypes.c_int], ctypes.c_int
         b = getattr(lib, f"gmp_backward_{suf}")
-        b.argtypes, b.restype = [p, p, p, p, p, L, L, L], ctypes.c_int
+        b.argtypes, b.restype = [p, p, p, p, p, L, L, L, ctypes.c_int], ctypes.c_int
         s = getattr(lib, f"gmp_sincos_{suf}")
         s.argtypes, s.restype = [p, p, p, L], ctypes.c_int
 
@@ -372,11 +421,12 @@ def load() -> Optional[ctypes.CDLL]:
     if cc is None:
         _STATUS = "no C compiler found (set CC): the pure-torch map is used"
         return None
-    key = hashlib.sha256((SOURCE + " ".join(_FLAGS) + cc + platform.machine()).encode()).hexdigest()[:16]
+    openmp = _process_has_libgomp()
+    key = hashlib.sha256((SOURCE + " ".join(_FLAGS) + cc + platform.machine() + f"omp={openmp}").encode()).hexdigest()[:16]
     path = os.path.join(_cache_dir(), f"gmp_kernel_{key}.so")
     try:
         if not os.path.exists(path):
-            _build(cc, path)
+            _build(cc, path, openmp)
         lib = ctypes.CDLL(path)
         _bind(lib)
     except Exception as e:  # noqa: BLE001 — any failure means: use the pure-torch map
@@ -385,7 +435,7 @@ def load() -> Optional[ctypes.CDLL]:
         _STATUS = f"build/load failed ({type(e).__name__}: {str(e)[:200]} {msg[:300]}): the pure-torch map is used"
         return None
     _LIB = lib
-    _STATUS = f"loaded {path}"
+    _STATUS = f"loaded {path} ({'OpenMP threads, shared with torch' if lib.gmp_openmp() else 'Python threads'})"
     return lib
 
 

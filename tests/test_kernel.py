@@ -157,8 +157,12 @@ def test_kernel_exact_at_fan_in_25088():
 
 
 @needs_kernel
-def test_threads_split_rows_without_changing_a_bit(monkeypatch):
+@pytest.mark.parametrize("openmp", [True, False])
+def test_threads_split_rows_without_changing_a_bit(monkeypatch, openmp):
+    """Note [Kernel threads]: torch's OpenMP pool inside the kernel (where it was built with it)
+    and the Python pool give the bits of one thread."""
     monkeypatch.setattr(fused, "_PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(fused, "_USE_OPENMP", openmp)
     with seeded(1):
         radius, lat = to_hyperspherical(torch.randn(37, 200))
         grad = torch.randn(37, 200)
