@@ -32,10 +32,13 @@ on random-init rows (1024×784) it runs at ~1.0 + 1.6 ns with Note [Small angles
 
 Instruction sets: x86-64 builds carry three versions of each loop (``target_clones``: AVX-512,
 AVX2+FMA and baseline x86-64) and the loader picks one by the CPU it runs on; other platforms get
-one portable build. Nothing assumes an instruction set.
+one portable build. Nothing assumes an instruction set (the baseline, x86-64-v2 and -v3 builds
+were checked to give the AVX-512 build's values).
 
-Threads: ctypes releases the GIL, so a large weight is split into row ranges that
-``torch.get_num_threads()`` Python threads run at once (:func:`georeparam._fused`).
+Threads: where the process already has GNU OpenMP (torch's CPU builds on Linux), the library is
+built with ``-fopenmp`` and splits rows on torch's own pool; otherwise, or if that build fails,
+without, and :mod:`georeparam._fused` splits rows over Python threads (ctypes releases the GIL).
+Note [Kernel threads] in ``_fused.py``.
 """
 
 from __future__ import annotations
