@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -37,6 +36,8 @@ from torch import nn
 
 import georeparam
 from georeparam.coords import to_hyperspherical
+from speed import Block, mlp  # the same models as the CPU tables (benchmarks/ is this script's folder)
+from speed import vgg as cnn
 
 try:
     from georeparam._fused import scaled_unit
@@ -79,35 +80,6 @@ def med_ratio(t: Dict[str, List[float]], key: str, base: str) -> float:
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def mlp(sizes) -> nn.Sequential:
-    layers: List[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def cnn(channels) -> nn.Sequential:
-    layers: List[nn.Module] = []
-    c = 3
-    for w in channels:
-        layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-        c = w
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)]
-    return nn.Sequential(*layers)
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int, ff: int):
-        super().__init__()
-        self.block = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True, norm_first=True)
-        self.head = nn.Linear(d, 10)
-
-    def forward(self, x):
-        return self.head(self.block(x).mean(dim=1))
 
 
 def register_paper(model: nn.Module, **kw) -> str:

@@ -32,7 +32,7 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -298,12 +298,15 @@ def register_row(sizes: Sequence[int], repeats: int) -> List[str]:
     ]
 
 
-def step_row(name: str, make: Callable[[], nn.Module], x: torch.Tensor, classes: int, repeats: int, warmup: int, target: str) -> List[str]:
-    """Only the training-step row (the larger models)."""
+def _models_and_step_row(
+    name: str, make: Callable[[], nn.Module], x: torch.Tensor, classes: int, repeats: int, warmup: int, target: str
+) -> Tuple[Dict[str, nn.Module], Dict[str, Callable[[], None]], List[str]]:
+    """The four variants of the model, their training steps, and the step row (ratios over standard)."""
     y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
-    steps = {k: step_fn(variant(make, k), x, y) for k in ("standard", "exact", "fast", "wn")}
+    models = {k: variant(make, k) for k in ("standard", "exact", "fast", "wn")}
+    steps = {k: step_fn(m, x, y) for k, m in models.items()}
     t = interleaved(steps, repeats, warmup)
-    return [
+    row = [
         f"training step / standard ({name})",
         f"batch {x.shape[0]}",
         ratio(t, "exact", "standard"),
@@ -312,25 +315,17 @@ def step_row(name: str, make: Callable[[], nn.Module], x: torch.Tensor, classes:
         f"{statistics.median(t['standard']) * 1e3:.1f} ms",
         target,
     ]
+    return models, steps, row
+
+
+def step_row(name: str, make: Callable[[], nn.Module], x: torch.Tensor, classes: int, repeats: int, warmup: int, target: str) -> List[str]:
+    """Only the training-step row (the larger models)."""
+    return _models_and_step_row(name, make, x, classes, repeats, warmup, target)[2]
 
 
 def model_rows(name: str, make: Callable[[], nn.Module], x: torch.Tensor, classes: int, repeats: int, warmup: int, target: str) -> List[List[str]]:
-    y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
-    models = {k: variant(make, k) for k in ("standard", "exact", "fast", "wn")}
-    steps = {k: step_fn(m, x, y) for k, m in models.items()}
-    t = interleaved(steps, repeats, warmup)
-    base = statistics.median(t["standard"])
-    rows = [
-        [
-            f"training step / standard ({name})",
-            f"batch {x.shape[0]}",
-            ratio(t, "exact", "standard"),
-            ratio(t, "fast", "standard"),
-            ratio(t, "wn", "standard"),
-            f"{base * 1e3:.1f} ms",
-            target,
-        ]
-    ]
+    models, steps, row = _models_and_step_row(name, make, x, classes, repeats, warmup, target)
+    rows = [row]
 
     # inference: registered, and after remove(), over standard
     infer = {}
