@@ -87,19 +87,11 @@ SOURCE = r"""
 #define LIMIT 1e6
 #define LIMIT32 4096.0f
 
-/* float64 angles: sin and cos to ~2e-16 */
-GMP_INLINE void sincos_poly(double x, double *s, double *c) {
-    double q = (x * 0.63661977236758134308 + MAGIC) - MAGIC;  /* nearest multiple of π/2 */
-    double f = ((q * 0.25 - 0.375) + MAGIC) - MAGIC;          /* floor(q / 4) */
-    double qi = q - 4.0 * f;                                  /* quadrant 0..3 */
-    int odd = (qi == 1.0) | (qi == 3.0);
-    double r = ((x - q * PIO2_1) - q * PIO2_2) - q * PIO2_3;  /* |r| ≤ π/4 */
+/* sin and cos of |r| ≤ π/4 with no reduction: fdlibm's kernel polynomials, to ~2e-16 */
+GMP_INLINE void sincos_small_f64(double r, double *s, double *c) {
     double z = r * r;
-    double sr = r + r * z * (S1 + z * (S2 + z * (S3 + z * (S4 + z * (S5 + z * S6)))));
-    double cr = (1.0 - 0.5 * z) + z * z * (C1 + z * (C2 + z * (C3 + z * (C4 + z * (C5 + z * C6)))));
-    double ss = odd ? cr : sr, cc = odd ? sr : cr;
-    *s = (qi >= 2.0) ? -ss : ss;
-    *c = ((qi == 1.0) | (qi == 2.0)) ? -cc : cc;
+    *s = r + r * z * (S1 + z * (S2 + z * (S3 + z * (S4 + z * (S5 + z * S6)))));
+    *c = (1.0 - 0.5 * z) + z * z * (C1 + z * (C2 + z * (C3 + z * (C4 + z * (C5 + z * C6)))));
 }
 
 /* Note [float32 angles]: for float32 storage the sine and cosine run in float (twice the lanes):
@@ -108,14 +100,32 @@ GMP_INLINE void sincos_poly(double x, double *s, double *c) {
    cosine is carried as d = 1 − cos r (= z/2 − z²/24 + …, no cancellation) and widened to double
    as 1 − d, so that the float64 running product of cos φ keeps d's relative precision: the
    product's error is ~eps32·|log ∏ cos φ|, not ~n·eps32. */
-GMP_INLINE void sincos_poly32(float x, double *s, double *c) {
-    float q = (x * 0.636619772367581343f + 12582912.0f) - 12582912.0f; /* 1.5·2^23 */
-    int qi = (int)q;
-    float r = ((x - q * 1.5703125f) - q * 4.837512969970703125e-4f) - q * 7.54978995489188216e-8f;
+GMP_INLINE void sincos_small_f32(float r, double *s, double *c) {
     float z = r * r;
     float s32 = r + r * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f));
     float d32 = z * (0.5f - z * (4.166664568298827e-2f - z * (1.388731625493765e-3f - z * 2.443315711809948e-5f)));
-    double sd = (double)s32, cd = 1.0 - (double)d32;
+    *s = (double)s32; *c = 1.0 - (double)d32;
+}
+
+/* any float64 angle up to LIMIT: reduced by π/2 to |r| ≤ π/4, then the quadrant's signs */
+GMP_INLINE void sincos_poly(double x, double *s, double *c) {
+    double q = (x * 0.63661977236758134308 + MAGIC) - MAGIC;  /* nearest multiple of π/2 */
+    double f = ((q * 0.25 - 0.375) + MAGIC) - MAGIC;          /* floor(q / 4) */
+    double qi = q - 4.0 * f;                                  /* quadrant 0..3 */
+    int odd = (qi == 1.0) | (qi == 3.0);
+    double sr, cr;
+    sincos_small_f64(((x - q * PIO2_1) - q * PIO2_2) - q * PIO2_3, &sr, &cr);
+    double ss = odd ? cr : sr, cc = odd ? sr : cr;
+    *s = (qi >= 2.0) ? -ss : ss;
+    *c = ((qi == 1.0) | (qi == 2.0)) ? -cc : cc;
+}
+
+/* any float32 angle up to LIMIT32 (Note [float32 angles]) */
+GMP_INLINE void sincos_poly32(float x, double *s, double *c) {
+    float q = (x * 0.636619772367581343f + 12582912.0f) - 12582912.0f; /* 1.5·2^23 */
+    int qi = (int)q;
+    double sd, cd;
+    sincos_small_f32(((x - q * 1.5703125f) - q * 4.837512969970703125e-4f) - q * 7.54978995489188216e-8f, &sd, &cd);
     double ss = (qi & 1) ? cd : sd, cc = (qi & 1) ? sd : cd;
     *s = (qi & 2) ? -ss : ss;
     *c = ((qi + 1) & 2) ? -cc : cc;
@@ -126,22 +136,11 @@ GMP_INLINE int sincos_el_f64(double x, double *s, double *c) { sincos_poly(x, s,
 
 /* Note [Small angles]: the latitudes of a direction are mostly small (φ_k = atan2(w_k, ‖w_{k+1:}‖):
    |φ_k| > π/4 only where one entry outweighs all after it, i.e. near a row's end). A chunk whose
-   angles all lie in [-π/4, π/4] skips the reduction and the quadrant: the same polynomials on x
+   angles all lie in [-π/4, π/4] skips the reduction and the quadrant: sincos_small_* on x
    itself. Checked 64 angles at a time in the storage dtype, so a chunk of large angles pays for
    one check. Measured (1 thread, fwd + bwd per weight, 1024×784): random-init rows 3.05 → 2.45 ns;
    angles uniform in ±1.5 (every chunk takes the general path) 3.1 → 3.2 ns. */
 #define PIO4 0.785398163397448279
-GMP_INLINE void sincos_small_f32(float r, double *s, double *c) {
-    float z = r * r;
-    float s32 = r + r * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f));
-    float d32 = z * (0.5f - z * (4.166664568298827e-2f - z * (1.388731625493765e-3f - z * 2.443315711809948e-5f)));
-    *s = (double)s32; *c = 1.0 - (double)d32;
-}
-GMP_INLINE void sincos_small_f64(double r, double *s, double *c) {
-    double z = r * r;
-    *s = r + r * z * (S1 + z * (S2 + z * (S3 + z * (S4 + z * (S5 + z * S6)))));
-    *c = (1.0 - 0.5 * z) + z * z * (C1 + z * (C2 + z * (C3 + z * (C4 + z * (C5 + z * C6)))));
-}
 
 /* Note [Blocks of eight]: the running products run on blocks of eight consecutive weights held in
    one vector: inside a block, a prefix product (forward) or a suffix scan of the affine steps
@@ -378,13 +377,16 @@ def _build(cc: str, path: str, openmp: bool) -> None:
             f.write(SOURCE)
         print(f"georeparam: compiling the fused CPU kernel once (cached in {os.path.dirname(path)})", file=sys.stderr)
         cmd = [cc, *_FLAGS, *defines, src, "-o", tmp, "-lm"]
-        try:
+        built = False
+        if openmp:
             # Note [Kernel threads] (_fused.py): with -fopenmp the library needs libgomp.so.1, which
             # the loader resolves to the copy torch already loaded: one thread pool for both.
-            if not openmp:
-                raise subprocess.CalledProcessError(0, cmd)
-            subprocess.run([*cmd, "-fopenmp"], check=True, capture_output=True, timeout=300)
-        except subprocess.CalledProcessError:
+            try:
+                subprocess.run([*cmd, "-fopenmp"], check=True, capture_output=True, timeout=300)
+                built = True
+            except subprocess.CalledProcessError:
+                pass  # no OpenMP with this compiler: the Python threads split the rows
+        if not built:
             subprocess.run(cmd, check=True, capture_output=True, timeout=300)
         os.replace(tmp, path)  # atomic: a concurrent build by another process is harmless
     finally:
