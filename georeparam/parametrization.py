@@ -13,6 +13,7 @@ Units: the ``(units, fan_in)`` view of each layer type is :mod:`georeparam.layou
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Tuple
 
@@ -89,9 +90,8 @@ class _Geometric(nn.Module):
         # needed]) and the layer's own op casts the finished weight.
         if angles.is_meta:  # Note [Meta tensors]: shapes only
             return self.from_units(radius.new_empty((self.units, self.fan_in)))
-        if not _autocast_on(angles.device.type):  # entering the context costs more than the map of a small layer
-            return self.from_units(scaled_unit(self.effective_radius(radius), angles, self.mode))
-        with torch.autocast(device_type=angles.device.type, enabled=False):
+        device = angles.device.type  # entering autocast's context costs more than the map of a small layer
+        with torch.autocast(device_type=device, enabled=False) if _autocast_on(device) else contextlib.nullcontext():
             return self.from_units(scaled_unit(self.effective_radius(radius), angles, self.mode))
 
     def right_inverse(self, weight: Tensor) -> Tuple[Tensor, Tensor]:

@@ -79,17 +79,17 @@ class SignHook:
         self.host = host
         self.handle_id: Optional[int] = None
 
-    def radius(self) -> Optional[Tensor]:
-        """The layer's signed radius, read live; ``None`` for a baked constant sign."""
+    def _values(self) -> Tensor:
+        """What the sign comes from, without gradient: the layer's signed radius read live, or the
+        baked constant signs (±1, which :func:`unit_sign` leaves as they are)."""
         if self.layer is None:
-            return None
+            return getattr(self.host, _BUFFER)
         plists = self.layer.parametrizations if hasattr(self.layer, "parametrizations") else {}
         plist = plists[self.weight_name] if self.weight_name in plists else self._weight_list
-        return plist.original0
+        return plist.original0.detach()
 
     def sign(self) -> Tensor:
-        r = self.radius()
-        return getattr(self.host, _BUFFER) if r is None else unit_sign(r)
+        return unit_sign(self._values())
 
     def orphaned(self) -> bool:
         """Whether torch's own remover took the layer's GmP weight away (the sign lives on)."""
@@ -99,11 +99,10 @@ class SignHook:
         return self.weight_name not in plists or plists[self.weight_name] is not self._weight_list
 
     def _apply(self, x: Tensor) -> Tensor:
-        r = self.radius()
-        s = getattr(self.host, _BUFFER) if r is None else r.detach()
-        if _skippable(s, x):  # all r ≥ 0 (all s = +1): one reduction, no sign tensor
+        v = self._values()
+        if _skippable(v, x):  # all ≥ 0 (all s = +1): one reduction, no sign tensor
             return x
-        s = (s if r is None else unit_sign(r)).to(x.dtype)
+        s = unit_sign(v).to(x.dtype)
         dim = self.channel_dim if self.channel_dim >= 0 else x.dim() + self.channel_dim
         size = x.shape[dim]
         if size != self.units:  # flattened: each unit's block of size // units entries
