@@ -36,7 +36,7 @@ from torch import nn
 
 import georeparam
 from georeparam.coords import to_hyperspherical
-from speed import Block, mlp  # the same models as the CPU tables (benchmarks/ is this script's folder)
+from speed import Block, mlp, variant  # the same models as the CPU tables (benchmarks/ is this script's folder)
 from speed import vgg as cnn
 
 try:
@@ -184,14 +184,7 @@ def step_ratios(device: torch.device, quick: bool) -> dict:
         y = torch.randint(0, 10, (shape[0],), generator=gen).to(device)
         steps = {}
         for kind in ("standard", "exact", "fast", "wn"):
-            torch.manual_seed(0)
-            model = make().to(device)
-            if kind in ("exact", "fast"):
-                georeparam.register(model, mode=kind)
-            elif kind == "wn":
-                for m in model.modules():
-                    if isinstance(m, (nn.Linear, nn.Conv2d)):
-                        nn.utils.parametrizations.weight_norm(m)
+            model = variant(make, kind).to(device)  # registered on the CPU, then moved
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
             def step(model=model, opt=opt):
