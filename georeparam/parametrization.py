@@ -14,6 +14,9 @@ Units: the ``(units, fan_in)`` view of each layer type is :mod:`georeparam.layou
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
+import threading
 import warnings
 from typing import Tuple
 
@@ -40,6 +43,7 @@ class _Geometric(nn.Module):
     ):  # fmt: skip
         super().__init__()
         check_mode(mode)
+        install_cast_guard()
         self.layout = shape if isinstance(shape, Layout) else Layout(shape, channel_dim=channel_dim, transposed=transposed, groups=groups)
         self.mode = mode
         self.sign_after = bool(sign_after)
@@ -53,6 +57,16 @@ class _Geometric(nn.Module):
     def bias_name(self):
         """The name of the layer's GmP bias (``b = r·λ``), or ``None``."""
         return self._bias_name
+
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        """The original weight's memory format (Note [The weight's memory format]); kept by name
+        because a ``torch.memory_format`` does not pickle with ``torch.save``'s protocol 2."""
+        return getattr(torch, getattr(self, "_memory_format_name", "contiguous_format"))
+
+    @_memory_format.setter
+    def _memory_format(self, fmt: torch.memory_format) -> None:
+        self._memory_format_name = str(fmt).rpartition(".")[2]
 
     # -- layout (georeparam.layouts) ------------------------------------------------------------
     shape = property(lambda self: self.layout.shape)
@@ -73,13 +87,13 @@ class _Geometric(nn.Module):
         """The radius the layer's weight carries: ``|r|`` in the paper's form, else ``r``.
 
         In the paper's form the sign is held constant (``s(0) = +1``) and an exact ``r = 0`` is
-        carried as the dtype's smallest normal number (Note [The gradient at r = 0] in
-        :mod:`georeparam.signs`).
+        carried as a tiny positive number (Note [The gradient at r = 0] in :mod:`georeparam.signs`;
+        Note [A carrier that survives flush-to-zero] for its size).
         """
         if not self.sign_after:
             return radius
         r = radius.detach()
-        zero = (r == 0).to(r.dtype).mul_(torch.finfo(r.dtype).tiny)  # in r's dtype: float64's tiny is 0 in float32
+        zero = (r == 0).to(r.dtype).mul_(zero_carrier(r.dtype))  # in r's dtype: float64's carrier is 0 in float32
         return torch.addcmul(zero, radius, unit_sign(r))  # one op with a gradient (∂/∂r = s)
 
     # -- the map -------------------------------------------------------------------------------
@@ -92,7 +106,13 @@ class _Geometric(nn.Module):
             return self.from_units(radius.new_empty((self.units, self.fan_in)))
         device = angles.device.type  # entering autocast's context costs more than the map of a small layer
         with torch.autocast(device_type=device, enabled=False) if _autocast_on(device) else contextlib.nullcontext():
-            return self.from_units(scaled_unit(self.effective_radius(radius), angles, self.mode))
+            weight = self.from_units(scaled_unit(self.effective_radius(radius), angles, self.mode))
+        # Note [The weight's memory format]
+        # A channels_last conv weight makes the conv choose channels_last kernels and output.
+        # Handing the conv a contiguous weight instead changed the output's layout (and can
+        # change its rounding), so registered and removed layers were not bit-identical.
+        fmt = self._memory_format
+        return weight if fmt == torch.contiguous_format else weight.contiguous(memory_format=fmt)
 
     def right_inverse(self, weight: Tensor) -> Tuple[Tensor, Tensor]:
         # Note [Assigning the weight]
@@ -128,11 +148,11 @@ class _Geometric(nn.Module):
         # Note [Casting a registered layer]
         # ``model.half()`` casts radius and offset separately: a row whose entries fit float16 can
         # have a norm that does not (r = inf, w = inf·u, where the plain float16 layer is finite),
-        # and a tiny row's r can round to 0, taking b = r·λ with it. This runs before the
-        # ParametrizationList casts its Parameters (children first), so a refused cast leaves this
-        # layer as it was (layers cast before it in the same call stay cast, as in PyTorch).
+        # and a tiny row's r can round to 0, taking b = r·λ with it. The whole model is checked
+        # before anything is cast (Note [An atomic cast]); this per-layer check only runs where
+        # that did not (a ParametrizationList cast on its own).
         layer = getattr(self, "_layer", None)
-        if layer is not None and self._weight_name is not None:
+        if layer is not None and self._weight_name is not None and not _CAST.depth:
             _check_cast(layer, self._weight_name, self._bias_name, fn)
         return super()._apply(fn, recurse)
 
@@ -269,6 +289,72 @@ def check_radius(radius: Tensor, what: str) -> None:
         )
 
 
+def zero_carrier(dtype: torch.dtype) -> float:
+    """The positive number that carries ``|r|`` at an exact ``r = 0`` in the paper's form.
+
+    # Note [A carrier that survives flush-to-zero]
+    The carrier ``t`` makes the activation see ``t·z`` instead of ``0·z`` (whose derivative is
+    0: Note [The gradient at r = 0] in :mod:`georeparam.signs`). It was the smallest normal
+    number (1.2e-38 in float32): then ``t·u_i`` and ``t·z`` are subnormal for ``|z| < 1``, and
+    under ``torch.set_flush_denormal(True)`` (FTZ/DAZ, also set by some libraries and compilers)
+    they flushed to 0, so the gradient at ``r = 0`` was 0 again. ``t = 2^⌊e/2⌋`` with
+    ``tiny = 2^e`` (1.1e-19 in float32 and bfloat16, 1.5e-154 in float64) keeps ``t·z`` normal
+    for every ``|z| ≥ √tiny``; the unit outputs ``t·f(z)`` instead of 0, nineteen orders of
+    magnitude (float32) below any activation of order 1e-12. float16 keeps its smallest normal
+    (6.1e-5; its ``√tiny`` would be 7.8e-3), as before.
+    """
+    tiny = torch.finfo(dtype).tiny
+    if dtype == torch.float16:
+        return tiny
+    return 2.0 ** (math.frexp(tiny)[1] // 2)
+
+
+# Note [An atomic cast]
+# ``Module._apply`` casts children first, one module at a time: a refusal raised by one GmP layer
+# (Note [Casting a registered layer]) came after every module visited before it had been cast,
+# so a refused ``model.half()`` left earlier layers in float16 and the model no longer ran. No
+# module of ours runs before the first child is cast, so the check has to sit on ``Module._apply``
+# itself: the first registration wraps it once (other modules' casts pass straight through, at the
+# cost of one walk over the modules of each outermost cast). The outermost call checks every GmP
+# layer under the module being cast, then casts; nested calls (the recursion) only cast.
+
+
+class _CastState(threading.local):
+    depth = 0
+
+
+_CAST = _CastState()
+_PLAIN_APPLY = None
+
+
+def install_cast_guard() -> None:
+    """Wrap ``nn.Module._apply`` once so that a cast is checked for every GmP layer before any
+    tensor is cast (Note [An atomic cast])."""
+    global _PLAIN_APPLY
+    if _PLAIN_APPLY is not None:
+        return
+    _PLAIN_APPLY = nn.Module._apply
+
+    @functools.wraps(_PLAIN_APPLY)
+    def _apply(self, fn, recurse=True):
+        if _CAST.depth:
+            return _PLAIN_APPLY(self, fn, recurse)
+        for m in self.modules() if recurse else (self,):
+            plists = m._modules.get("parametrizations") if isinstance(m._modules, dict) else None
+            if plists is None:
+                continue
+            for name, plist in plists.items():
+                if len(plist) and isinstance(plist[0], _Geometric) and getattr(plist[0], "_layer", None) is m:
+                    _check_cast(m, name, plist[0]._bias_name, fn)
+        _CAST.depth += 1
+        try:
+            return _PLAIN_APPLY(self, fn, recurse)
+        finally:
+            _CAST.depth -= 1
+
+    nn.Module._apply = _apply
+
+
 def _check_cast(layer: nn.Module, weight_name: str, bias_name, fn) -> None:
     """Refuse a dtype cast (``fn`` of ``Module._apply``) under which the radius overflows, or
     rounds to 0 under a non-zero offset, or the offset overflows. Device moves are not checked."""
@@ -297,7 +383,7 @@ def _check_cast(layer: nn.Module, weight_name: str, bias_name, fn) -> None:
         idx = bad.nonzero().flatten()[:5].tolist()
         raise ValueError(
             f"{what}: cannot cast this GmP layer from {radius.dtype} to {new_r.dtype}: for units {idx} {kind}, "
-            f"although the plain layer's entries may fit. Nothing was cast for this layer. Keep it in "
+            f"although the plain layer's entries may fit. Nothing was cast (no layer of the model). Keep it in "
             f"{radius.dtype} and use torch.autocast for {new_r.dtype} compute (GmP computes the weight in the "
             f"parameters' dtype under autocast), or call georeparam.remove first. Got: radius {r[idx].tolist()}"
         )

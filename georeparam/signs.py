@@ -18,7 +18,8 @@ this module puts the sign there and takes it away:
 ``torch.abs``/``torch.sign`` give 0 at ``r = 0``). The layer computes ``s·f(|r|·z)``, whose
 derivative is ``f′(|r|·z)·z``: the paper's ``f(z)`` for ``r ≠ 0``, but ``f′(0)·z = 0`` at an exact
 ``r = 0`` (torch's ReLU′(0) = 0), and ``r`` would stick there. So an exact zero radius is carried
-as the dtype's smallest normal number ``t`` (1.2e-38 in float32, 2.2e-308 in float64): the unit
+as a tiny positive ``t`` (1.1e-19 in float32, 1.5e-154 in float64; why not smaller: Note [A carrier
+that survives flush-to-zero] in :mod:`georeparam.parametrization`): the unit
 outputs ``t·f(z)`` instead of 0, and ``∂/∂r = f(z)``, the paper's value (tested against the
 reference in ``tests/test_paper_form.py``). Under float16 autocast ``t`` rounds to 0 and the old
 behaviour returns at that one point.

@@ -227,18 +227,19 @@ def test_gradient_at_zero_radius_is_the_papers():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_effective_radius_is_abs_with_tiny_zero_and_sign_gradient(dtype):
-    """|r|, an exact ±0 carried as the dtype's smallest normal, ∂/∂r = sign(r) with sign(±0) = +1,
-    in the radius's own dtype (float64's tiny is 0 in float32: computing it there would lose it)."""
-    from georeparam.parametrization import _Geometric
+    """|r|, an exact ±0 carried as the dtype's zero carrier (√tiny rounded to a power of 2: Note [A
+    carrier that survives flush-to-zero]), ∂/∂r = sign(r) with sign(±0) = +1, in the radius's own
+    dtype (float64's carrier is 0 in float32: computing it there would lose it)."""
+    from georeparam.parametrization import _Geometric, zero_carrier
     from georeparam.signs import unit_sign
 
     p = _Geometric((4, 3), sign_after=True)
     r = torch.tensor([2.5, -3.0, 0.0, -0.0, float(torch.finfo(dtype).tiny) * 4], dtype=dtype, requires_grad=True)
     eff = p.effective_radius(r)
     eff.backward(torch.ones_like(eff))
-    tiny = torch.finfo(dtype).tiny
-    assert eff.dtype == dtype
-    assert eff.tolist() == [2.5, 3.0, tiny, tiny, tiny * 4]
+    tiny, t = torch.finfo(dtype).tiny, zero_carrier(dtype)
+    assert eff.dtype == dtype and tiny <= t <= max(tiny, 1e-18)
+    assert eff.tolist() == [2.5, 3.0, t, t, tiny * 4]
     assert r.grad.tolist() == [1.0, -1.0, 1.0, 1.0, 1.0]
     assert unit_sign(r).dtype == dtype and unit_sign(r).tolist() == [1.0, -1.0, 1.0, 1.0, 1.0]
 
