@@ -439,6 +439,19 @@ def canonical_parts(radius: Tensor, angles: Tensor) -> Tuple[Tensor, Tensor, Ten
     )
 
 
+def _check_per_row(x, angles: Tensor, what: str) -> None:
+    """``x`` (radius or offset) is a real float tensor with one entry per row of ``angles``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"canonicalize: {what} must be a torch.Tensor. Got: {type(x).__name__}")
+    if not x.is_floating_point() or x.is_complex():
+        raise TypeError(f"canonicalize: {what} must be a real floating-point tensor. Got: dtype={x.dtype}")
+    if tuple(x.shape) != tuple(angles.shape[:-1]):
+        raise ValueError(
+            f"canonicalize: {what} must have one entry per row of angles, shape {tuple(angles.shape[:-1])} "
+            f"for angles of shape {tuple(angles.shape)}. Got: {what} of shape {tuple(x.shape)}"
+        )
+
+
 def canonicalize(
     radius: Tensor,
     angles: Tensor,
@@ -459,8 +472,11 @@ def canonicalize(
         >>> torch.allclose(r2[:, None] * to_cartesian(a2), r[:, None] * to_cartesian(a), atol=1e-6)
         True
     """
-    _check_real_float(angles, "angles")
+    _check_real_float(angles, "canonicalize: angles")
     _check_convention(convention)
+    _check_per_row(radius, angles, "radius")
+    if offset is not None:
+        _check_per_row(offset, angles, "offset")
     if convention == "polar":
         # converted in float64 both ways and rounded once (see to_cartesian)
         if angles.shape[-1] == 0:

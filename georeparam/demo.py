@@ -188,6 +188,7 @@ def run_demo(
         )
     if not 0 < target <= 1:
         raise ValueError(f"target must be an accuracy in (0, 1]. Got: {target}")
+    check_out(out)
     runs = [(m, float(lr)) for m, lr in runs]
     if not runs:
         raise ValueError("runs must name at least one (method, lr) pair. Got: []")
@@ -440,6 +441,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
 
 
+def check_out(out) -> None:
+    """Refuse an ``out`` that cannot be the results directory before training (the files are
+    written after a minute of training): an existing file, or a path that cannot be created."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"out (--out) must be a directory for results.md, results.json and demo.png. Got: {str(path)!r}, an existing file"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out (--out) must be a directory that can be created. Got: {str(path)!r} ({e.strerror or e})") from None
+
+
 def run_from_args(parser, args) -> int:
     """Run the demo from parsed :func:`add_arguments` options; bad values end in ``parser.error``."""
     try:
@@ -448,6 +465,7 @@ def run_from_args(parser, args) -> int:
             raise ValueError(f"--steps and --width must be ≥ 1. Got: --steps {args.steps}, --width {args.width}")
         if not 0 < args.target <= 1:
             raise ValueError(f"--target must be an accuracy in (0, 1]. Got: {args.target}")
+        check_out(None if args.no_save else args.out)
     except ValueError as e:
         parser.error(str(e))
     run_demo(

@@ -292,3 +292,91 @@ def test_plain_checkpoint_with_bad_values_is_refused():
     with pytest.raises(RuntimeError, match="size mismatch"):
         model.load_state_dict(plain, strict=True)
     assert_unchanged(model, snap)
+
+
+# -------------------------------------------------------------------------------------------------
+# issue 20: unclear errors made clear
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["nan", "size"])
+def test_refused_plain_checkpoint_gives_only_the_reason(bad):
+    # was: false "Missing key(s) … original0" / "Unexpected key(s) … 0.weight" lines first
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2))
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    if bad == "nan":
+        plain["0.weight"][0, 0] = math.nan
+    else:
+        plain["0.weight"] = torch.randn(3, 2)
+    georeparam.register(model)
+    snap = snapshot(model)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError) as info:
+            model.load_state_dict(plain, strict=strict)
+        msg = str(info.value)
+        assert "Missing key" not in msg and "Unexpected key" not in msg, msg
+        assert ("0.weight must be finite. Got:" if bad == "nan" else "size mismatch for 0.weight") in msg
+        assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize(
+    "args, exc, names",
+    [
+        ((torch.ones(3), torch.ones(2, 4)), ValueError, ["radius", "(2,)", "(3,)"]),
+        (([1.0, 2.0], torch.ones(2, 3)), TypeError, ["radius", "list"]),
+        ((torch.ones(2), [[1.0, 2.0], [1.0, 2.0]]), TypeError, ["angles", "list"]),
+        ((torch.ones(2), torch.ones(2, 3), torch.ones(3)), ValueError, ["offset", "(2,)", "(3,)"]),
+        ((torch.ones(2), torch.ones(2, 3), [0.0, 1.0]), TypeError, ["offset", "list"]),
+        ((torch.ones(2, dtype=torch.int64), torch.ones(2, 3)), TypeError, ["radius", "int64"]),
+    ],
+)
+def test_canonicalize_bad_arguments(args, exc, names):
+    # was: raw "size of tensor a (3) must match …" / "'list' object has no attribute 'to'"
+    with pytest.raises(exc) as info:
+        georeparam.canonicalize(*args)
+    msg = str(info.value)
+    assert "canonicalize" in msg and "Got:" in msg, msg
+    for n in names:
+        assert n in msg, (n, msg)
+
+
+def test_demo_out_that_is_a_file_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    # was: a traceback after the whole training run (19 s by default)
+    from georeparam import demo
+
+    monkeypatch.setattr(demo, "_run", lambda *a, **k: pytest.fail("trained before checking --out"))
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(target), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert "--out" in err and "Got:" in err and "results.txt" in err
+    with pytest.raises(ValueError, match="out .* must be a directory"):
+        demo.run_demo(steps=1, out=target)
+    with pytest.raises(ValueError, match="can be created"):
+        demo.run_demo(steps=1, out=target / "sub")
+    assert target.read_text() == "keep me"
+
+
+def test_registering_the_rest_of_a_model_points_at_exclude():
+    # was: "already GmP-registered; call georeparam.remove first", wrong advice for the rest of a model
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    georeparam.geometric(model[0])
+    msg = expect_error(ValueError, model, lambda: georeparam.register(model), "'0'", "already", "exclude=")
+    assert "remove" in msg  # still says how to register it again differently
+    georeparam.register(model, exclude=["0"])  # the advice works
+    assert georeparam.is_geometric(model[2])
+
+
+def test_a_tie_through_a_plain_attribute_is_not_detected_and_the_docs_say_so():
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3, bias=False)
+            self.held = [self.a.weight]  # not a Parameter of Holder: invisible to the tie check
+
+    model = Holder()
+    assert list(georeparam.register(model)) == ["a"]  # registered, not reported as tied
+    assert model.held[0] is not model.a.weight  # the tie is gone, silently
+    doc = " ".join(georeparam.register.__doc__.split())
+    assert "Only ties through Parameters are seen" in doc and "exclude" in doc
