@@ -50,6 +50,7 @@ from torch.nn.utils import parametrize
 
 from .api import geometry, is_geometric
 from .coords import to_cartesian
+from .selection import Selector
 from .imn import has_input_mean_norm
 from .layouts import entry_of, layout_of
 
@@ -237,44 +238,29 @@ def _select_layers(model: nn.Module, layers, exclude, what: str) -> List[Tuple[s
     named = [(n, m) for n, m in model.named_modules() if ".parametrizations." not in f".{n}."]
     by_name = dict(named)
 
-    def split(spec, argname):
+    def split(spec, argname):  # the one selector parser (georeparam.selection), modules allowed here
         if spec is None:
             return None
-        if isinstance(spec, (str, type, nn.Module)):
-            spec = [spec]
-        names, mods, types = [], [], []
-        for s in spec:
-            if isinstance(s, str):
-                if s not in by_name:
-                    raise ValueError(f"{what}: no module named {s!r} in {type(model).__name__}. Got: {sorted(by_name)[:20]}")
-                names.append(s)
-            elif isinstance(s, nn.Module):
-                mods.append(s)
-            elif isinstance(s, type) and issubclass(s, nn.Module):
-                types.append(s)
-            else:
-                raise TypeError(f"{what}: {argname} takes module names, modules and nn.Module types. Got: {s!r}")
-        return names, mods, tuple(types)
+        return Selector(spec, argname, what, modules_allowed=True).bind(by_name)
 
     def matches(n, m, sel):
-        names, mods, types = sel
-        return n in names or any(m is x for x in mods) or (bool(types) and isinstance(m, types))
+        return sel.matches(n, m)
 
     inc = split(layers, "layers")
-    exc = split(exclude, "exclude") or ([], [], ())
+    exc = split(exclude, "exclude") or Selector(None, "exclude", what)
     chosen = []
     for n, m in named:
         if inc is None:
             if not _analyzable(m):
                 continue
-        elif not matches(n, m, inc):
-            continue
+        elif not (inc.explicit(n, m) or (_analyzable(m) and inc.matches(n, m))):
+            continue  # names, types and modules ask for a layer; suffixes and patterns pick analyzable ones
         if matches(n, m, exc):
             continue
         _check_layer(m, f"{what}: layer {n or '<root>'!r}")
         chosen.append((n, m))
     if inc is not None:
-        for mod in inc[1]:
+        for mod in inc.modules:
             if not any(mod is m for _, m in named):
                 raise ValueError(f"{what}: a module given in layers is not part of the model. Got: {_describe(mod)}")
     if not chosen:

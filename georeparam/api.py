@@ -30,6 +30,8 @@ from ._fused import check_mode
 from .layouts import SUPPORTED, has_input, is_supported, layout_of, supported_names, weight_names
 from .parametrization import _Geometric, _GeometricBias, check_radius, check_weight_values, offset_from, unit_radius
 from .report import LayerReport, Report
+from . import selection as _selection
+from .selection import Selector
 
 __all__ = ["geometric", "register", "remove", "is_geometric", "geometry", "Geometry", "SUPPORTED", "FORMS"]
 
@@ -287,22 +289,6 @@ def _memory_format(weight: Tensor) -> torch.memory_format:
 # -------------------------------------------------------------------------------------------------
 
 
-def _selector(spec, what: str):
-    if spec is None:
-        return (), ()
-    if isinstance(spec, (str, type)):
-        spec = (spec,)
-    names, types = [], []
-    for s in spec:
-        if isinstance(s, str):
-            names.append(s)
-        elif isinstance(s, type) and issubclass(s, nn.Module):
-            types.append(s)
-        else:
-            raise TypeError(f"{what} takes qualified module names and nn.Module types. Got: {s!r}")
-    return tuple(names), tuple(types)
-
-
 def _tied(model: nn.Module) -> dict:
     """``id(Parameter) → qualified names`` for Parameters held by more than one module object."""
     holders: dict = {}
@@ -342,15 +328,21 @@ def register(
     ``form="weight"`` gives the weight form everywhere.
 
     A Parameter shared by several modules (tied weights, e.g. an ``lm_head`` tied to the
-    embedding) is skipped and reported: separate coordinates would untie it. Only ties through
-    Parameters are seen: a module holding another's weight outside its Parameters (in a list or
-    dict attribute, or as a view) is not detected, and after registering it silently keeps the old
-    tensor; ``exclude`` such layers.
+    embedding) is skipped and reported: separate coordinates would untie it. So is a layer whose
+    weight something else already reparametrizes (``weight_norm``, ``spectral_norm``,
+    ``orthogonal``, old or new style; Note [Pre-parametrized layers] in :mod:`georeparam.selection`).
+    Only ties through Parameters are seen: a module holding another's weight outside its Parameters
+    (in a list or dict attribute, or as a view) is not detected, and after registering it silently
+    keeps the old tensor; ``exclude`` such layers.
 
     Args:
         model: any ``nn.Module``.
-        include: qualified module names and/or types to convert (default: :data:`SUPPORTED`).
-        exclude: qualified module names and/or types to skip (e.g. the output layer).
+        include: what to convert (default: every layer of a :data:`SUPPORTED` type): qualified
+            module names, name suffixes as PEFT's ``target_modules`` (``"q_proj"``), glob patterns
+            (``"*.mlp.*"``), ``re.compile(...)`` regexes and/or ``nn.Module`` types
+            (:mod:`georeparam.selection`). Names and types must be supported layers; suffixes,
+            patterns and regexes pick the supported layers among the modules they match.
+        exclude: the same kinds of selector, for layers to skip (e.g. the output layer).
         mode: see :func:`geometric`.
         imn: also centre each registered layer's input (:func:`georeparam.input_mean_norm`,
             momentum 0.1), as the paper pairs GmP with IMN.
@@ -358,7 +350,10 @@ def register(
 
     Returns:
         A :class:`georeparam.Report`: iterating it yields the registered layers' qualified names;
-        printed, it is a table of each layer's form and why.
+        printed, it is a table of each layer's form and why. ``model`` is changed in place; the
+        report is not the model, and using it as one (``model = register(model)``, then
+        ``model(x)``) raises at once, saying so (Note [What register returns] in
+        :mod:`georeparam.report`).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -373,28 +368,31 @@ def register(
     check_mode(mode)
     if form not in FORMS:
         raise ValueError(f"register: form must be one of {FORMS}. Got: {form!r}")
-    inc_names, inc_types = _selector(include, "include")
-    exc_names, exc_types = _selector(exclude, "exclude")
-    modules = dict(model.named_modules())
-    for n in inc_names + exc_names:
-        if n not in modules:
-            raise ValueError(f"register: no module named {n!r} in {type(model).__name__}. Got: {sorted(modules)[:20]}")
+    modules = {q: m for q, m in model.named_modules() if not (".parametrizations." in f".{q}." or q.endswith("parametrizations"))}
+    inc = Selector(include, "include", "register").bind(modules)  # names, suffixes, globs, regexes, types: georeparam.selection
+    exc = Selector(exclude, "exclude", "register").bind(modules)
     tied = _tied(model)
     chosen, entries = [], {}
     for qname, m in modules.items():
-        if ".parametrizations." in f".{qname}." or qname.endswith("parametrizations"):
-            continue
         kind = describe(m)
         supported = is_supported(m)
-        selected = qname in inc_names or (isinstance(m, inc_types) if include is not None else supported)
+        # names and types ask for a layer (an unsupported one is an error below); suffixes,
+        # patterns and regexes pick the supported layers among what they match
+        selected = (inc.explicit(qname, m) or (supported and inc.matches(qname, m))) if include is not None else supported
         own = {n: p for n, p in m._parameters.items() if p is not None}
         if not selected:
             if supported or any(p.dim() >= 2 for p in own.values()):
                 why = "not included" if supported else f"unsupported type {kind}"
                 entries[qname] = LayerReport(qname, kind, None, why=why)
             continue
-        if qname in exc_names or (exc_types and isinstance(m, exc_types)):
+        if exc.matches(qname, m):
             entries[qname] = LayerReport(qname, kind, None, why="excluded")
+            continue
+        already = _selection.foreign_parametrization(m, lambda p: isinstance(p, (_Geometric, _GeometricBias)))
+        if not already and qname.endswith("base_layer") and _selection.is_peft_tuner_layer(modules.get(qname.rpartition(".")[0])):
+            already = _selection.PEFT_BASE
+        if already:
+            entries[qname] = LayerReport(qname, kind, None, why=already)
             continue
         shared = [f"{n} with {', '.join(x for x in tied[id(p)] if x != (f'{qname}.{n}' if qname else n))}" for n, p in own.items() if id(p) in tied]
         if shared:
@@ -444,6 +442,12 @@ def register(
         entries[qname] = LayerReport(qname, describe(m), place.form, where=where, why=place.why)
     for _, m in with_imn:
         _imn.input_mean_norm(m)
+    from .handback import install_plain_save  # (both import this module)
+    from .watch import watch_wrappers
+
+    watch_wrappers()  # AveragedModel and PEFT around a GmP model: Note [Watching wrappers]
+    if chosen:
+        install_plain_save(model)  # Note [save_pretrained writes plain weights]
     return Report([entries[q] for q in modules if q in entries])
 
 

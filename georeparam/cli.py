@@ -1,4 +1,9 @@
-"""Command line: ``python -m georeparam demo`` (also installed as the ``georeparam`` script)."""
+"""Command line: ``python -m georeparam demo`` (also installed as the ``georeparam`` script).
+
+``python -m georeparam --version`` prints the version; ``python -m georeparam info`` prints what a
+bug report needs: the versions, whether the compiled CPU kernel is in use and where it is cached,
+the thread count, and which implementation of the map a CPU or CUDA tensor gets.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import os
 import sys
 from typing import List, Optional
 
-from . import demo
+from . import __version__, demo
 
 #: Printed for ``reproduce``, which left the installed package with the experiments.
 REPRODUCE_MOVED = (
@@ -39,7 +44,47 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     )
     demo.add_arguments(d)
     d.set_defaults(command_parser=d)  # the demo's own parser reports the demo's bad values
+    i = sub.add_parser(
+        "info",
+        help="print versions, the CPU kernel's status and cache, threads, and which map each device uses",
+        description="Print what a bug report needs: versions, the compiled CPU kernel's status and where it is cached, "
+        "torch's thread count, and which implementation of the GmP map a CPU or CUDA tensor gets.",
+    )
+    i.set_defaults(command_parser=i)
+    parser.add_argument("--version", action="version", version=f"georeparam {__version__}")
     return parser
+
+
+def info_lines() -> List[str]:
+    """The lines ``python -m georeparam info`` prints (also importable, for bug-report tooling)."""
+    import platform
+
+    import torch
+
+    import georeparam
+
+    status = georeparam.kernel_status()  # builds/loads the kernel once if it can; never raises
+    cuda = torch.cuda.is_available()
+    kernel_on = status.startswith("loaded")
+    lines = [
+        f"georeparam {__version__} ({os.path.dirname(os.path.abspath(georeparam.__file__))})",
+        f"python     {platform.python_version()} ({sys.platform}, {platform.machine()})",
+        f"torch      {torch.__version__} (CUDA {'available: ' + torch.cuda.get_device_name(0) if cuda else 'not available'})",
+        f"threads    {torch.get_num_threads()} (torch.get_num_threads(); OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})",
+        f"kernel     {status}",
+        "map        CPU float32: " + ("the compiled kernel" if kernel_on else "the pure-torch map (no kernel, see above)")
+        + "; CPU float64 and other dtypes: the pure-torch map; CUDA: the pure-torch map"
+        + ("" if cuda else " (no CUDA device here)"),
+    ]
+    cache_dir = getattr(georeparam, "kernel_cache_dir", None)  # public once the kernel's package exports it
+    if callable(cache_dir):
+        lines.insert(5, f"cache      {cache_dir()} (GEOREPARAM_CACHE_DIR overrides it)")
+    return lines
+
+
+def _info() -> int:
+    print("\n".join(info_lines()))
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -49,6 +94,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "info":
+        return _info()
     return demo.run_from_args(args.command_parser, args)
 
 

@@ -148,16 +148,30 @@ def _largest_below(x: float, dtype: torch.dtype) -> float:
     return float(b)
 
 
+def _nudge_inside(x: Tensor, bound: float) -> Tensor:
+    """``x.clamp(-bound, bound)`` in value, with derivative 1 everywhere.
+
+    # Note [The one-ulp clamp has no gradient]
+    The clamps below move an angle that rounded one ulp past a pole back inside; they are a
+    rounding fix, not part of canonicalization's affine map ``x → σ·x + c``, whose derivative is σ.
+    A plain clamp has derivative 0 where it acts: with r < 0 and last angle 0, θ + π rounds to
+    float32's π, just past the bound, and the derivative came out 0 instead of σ = 1 (seen as a
+    torch 2.14.1 failure of tests/test_coords.py, whose hypothesis example reaches that point
+    there; the same input gives 0 on torch 2.13). Passing the gradient straight through keeps σ
+    the derivative on every torch version.
+    """
+    inside = x.clamp(-bound, bound)
+    return torch.where(inside == x, x, x + (inside - x).detach())
+
+
 def _round_latitude(lat: Tensor, dtype: torch.dtype) -> Tensor:
     """Round float64 latitudes in [-π/2, π/2] to ``dtype`` keeping ``cos φ > 0``."""
-    bound = _largest_below(math.pi / 2, dtype)
-    return lat.to(dtype).clamp(-bound, bound)
+    return _nudge_inside(lat.to(dtype), _largest_below(math.pi / 2, dtype))
 
 
 def _round_last(lon: Tensor, dtype: torch.dtype) -> Tensor:
     """Round float64 last angles in [-π, π] to ``dtype``, inside the real (-π, π]."""
-    bound = _largest_below(math.pi, dtype)
-    return lon.to(dtype).clamp(-bound, bound)
+    return _nudge_inside(lon.to(dtype), _largest_below(math.pi, dtype))
 
 
 def _round_half_turn(theta: Tensor, cos_sign: Tensor, dtype: torch.dtype) -> Tensor:

@@ -37,7 +37,9 @@ some.
 
 from __future__ import annotations
 
+import math
 import warnings
+import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -51,13 +53,44 @@ __all__ = ["param_groups", "GeometricOptimizer", "PARITY"]
 _GROUPS = ("angles", "radius", "offset", "other")
 
 
-def _no_layers_error(fn: str, model: nn.Module) -> ValueError:
-    return ValueError(
-        f"{fn}: {type(model).__name__} has no GmP-registered layer. Call georeparam.register(model) first, "
-        f"then build the optimizer: registering replaces the weight and bias Parameters, so an optimizer "
-        f"built before holds orphans. Got: {type(model).__name__} with "
-        f"{sum(1 for _ in model.parameters())} plain parameters"
+_WARNED_PLAIN: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _warn_no_layers(fn: str, model: nn.Module) -> None:
+    # Note [A model with no GmP layer]
+    # A plain model (register skipped everything, or a config switch turned GmP off) used to raise
+    # here. It trains fine as it is, so it is accepted: every Parameter is "other", nothing is
+    # canonicalized, and one warning says so (once per model: param_groups and the wrapper on the
+    # same model warn once together), since the usual cause is an optimizer built before register
+    # (whose Parameters register then replaces) or a register call that never ran.
+    if model in _WARNED_PLAIN:
+        return
+    _WARNED_PLAIN.add(model)
+    warnings.warn(
+        f"{fn}: {type(model).__name__} has no GmP-registered layer, so every parameter goes to the 'other' group "
+        f"and nothing is canonicalized. If you meant to train GmP, call georeparam.register(model) first, then "
+        f"build the optimizer (registering replaces the weight and bias Parameters). Got: "
+        f"{sum(1 for _ in model.parameters())} plain parameters",
+        stacklevel=3,
     )
+
+
+def _check_rate(fn: str, name: str, value: Any, optional: bool) -> None:
+    """A learning rate or decay must be a finite number ≥ 0 (torch's optimizers check ``lr`` and
+    ``weight_decay`` in their defaults, but not in per-group options: Adam at lr −0.1 climbs)."""
+    if value is None and optional:
+        return
+    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+        number = float(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise TypeError(
+            f"{fn}: {name} must be a number (a float such as 1e-3){' or None' if optional else ''}. "
+            f"Got: {value!r} ({type(value).__name__})"
+        )
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{fn}: {name} must be finite and ≥ 0. Got: {value!r}")
 
 
 def param_groups(
@@ -100,9 +133,12 @@ def param_groups(
     Returns:
         A list of dicts, ready for ``torch.optim.<Optimizer>(groups, ...)``.
 
+    A model with no GmP layer gets one ``"other"`` group and a warning (Note [A model with no GmP
+    layer]).
+
     Raises:
-        ValueError: the model has no GmP-registered layer (an optimizer built from the plain
-            Parameters would lose them on registration).
+        TypeError, ValueError: a learning rate or decay that is not a finite number ≥ 0 (checked
+            here: torch's optimizers do not check per-group options).
 
     Example:
         >>> import torch, georeparam
@@ -119,9 +155,18 @@ def param_groups(
         raise TypeError(f"param_groups: other must be a dict of optimizer options. Got: {type(other).__name__}")
     if other is not None and "params" in other:
         raise ValueError("param_groups: other sets options of the 'other' group, not its params. Got: a 'params' key")
+    for name, value, optional in (
+        ("lr", lr, False), ("angle_lr", angle_lr, True), ("radius_lr", radius_lr, True), ("offset_lr", offset_lr, True),
+        ("weight_decay", weight_decay, False), ("angle_weight_decay", angle_weight_decay, False),
+        ("radius_weight_decay", radius_weight_decay, True), ("offset_weight_decay", offset_weight_decay, False),
+    ):  # fmt: skip
+        _check_rate("param_groups", name, value, optional)
+    for key in ("lr", "weight_decay"):
+        if other is not None and key in other:
+            _check_rate("param_groups", f"other[{key!r}]", other[key], False)
     layers = geometric_layers(model)
     if not layers:
-        raise _no_layers_error("param_groups", model)
+        _warn_no_layers("param_groups", model)
     kinds: Dict[str, List[nn.Parameter]] = {k: [] for k in _GROUPS}
     seen = set()
     for _, m, wname, _ in layers:
@@ -271,14 +316,14 @@ class GeometricOptimizer(torch.optim.Optimizer):
         self.parity = self._parity_for(optimizer, parity)
         layers = geometric_layers(model)
         if not layers:
-            raise _no_layers_error("GeometricOptimizer", model)
+            _warn_no_layers("GeometricOptimizer", model)
         in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
         status = []
         for qname, m, wname, param in layers:
             g = geometry(m, wname)
             inside = {k: id(p) in in_opt for k, p in g._asdict().items() if p is not None}
             status.append((qname or "<root>", g, inside, param.sign_after))
-        if not any(inside["radius"] or inside["angles"] for _, _, inside, _ in status):
+        if layers and not any(inside["radius"] or inside["angles"] for _, _, inside, _ in status):
             raise ValueError(
                 "GeometricOptimizer: none of the model's GmP radii or angles are in the optimizer (was it built "
                 "before georeparam.register? then it holds orphans). Got: "

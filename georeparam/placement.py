@@ -247,7 +247,7 @@ def plan(model: nn.Module, names: Sequence[str]) -> Dict[str, Placement]:
     # then read inside the closest enclosing module that traces; what follows that module's
     # output is unknown (the weight form stays there), and a host or consumer must appear once in
     # the module tree, since calls from outside the traced module cannot be seen.
-    why = f"torch.fx could not trace {type(model).__name__} ({whole.error})"
+    why = f"could not trace {type(model).__name__} with torch.fx ({whole.error.split('. ')[0].rstrip('.')})"
     counts: Dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         counts[id(m)] = counts.get(id(m), 0) + 1
@@ -261,7 +261,7 @@ def plan(model: nn.Module, names: Sequence[str]) -> Dict[str, Placement]:
             if scopes[anc].error is None:
                 place = scopes[anc].place(".".join(parts[k:]), layout_of(modules[name]))
                 break
-        out[name] = place or _weight(f"{why}, and no module around the layer could be traced")
+        out[name] = place or _weight(f"{why}, nor any module around this layer, so it keeps the weight form")
     return out
 
 

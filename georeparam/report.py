@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from typing import Iterator, List, NamedTuple, Optional, Sequence
 
+from torch import nn
+
 __all__ = ["Report", "LayerReport"]
 
 
@@ -120,3 +122,26 @@ class Report(Sequence):
         return self.table()
 
     __str__ = __repr__
+
+    # Note [What register returns]
+    # torch's parametrization verbs (weight_norm, spectral_norm, orthogonal) take one layer and
+    # return it. register takes a whole model and decides, per layer, a form and where the sign
+    # acts; the report is the only place that says so, and returning the model would make it the
+    # thing nobody looks at. So register keeps returning the Report (and changes the model in
+    # place), and the one way to mistake it for the model, ``model = register(model)``, fails at
+    # the first use with what to write instead: calling it, or any nn.Module attribute.
+    def _not_a_model(self, what: str) -> str:
+        return (
+            f"{what}: georeparam.register(model) changes model in place and returns this Report (the table of "
+            f"what it did), not the model. Write `georeparam.register(model)` (or `report = georeparam.register(model)`) "
+            f"and keep using `model`. Got: a Report of {len(self)} registered layer(s)"
+        )
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(self._not_a_model("'Report' object is not callable"))
+
+    def __getattr__(self, name: str):
+        # only reached for attributes a Report lacks; dunder lookups (copy, pickle) stay plain
+        if not name.startswith("_") and hasattr(nn.Module, name):
+            raise AttributeError(self._not_a_model(f"'Report' object has no attribute {name!r}"))
+        raise AttributeError(f"'Report' object has no attribute {name!r}")

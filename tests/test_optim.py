@@ -71,9 +71,12 @@ def test_param_groups_options():
     assert [g["name"] for g in param_groups(only, 0.1)] == ["angles", "radius", "offset"]
 
 
-def test_param_groups_refuse_an_unregistered_model():
-    with pytest.raises(ValueError, match="no GmP-registered layer.*register.*orphans"):
-        param_groups(nn.Sequential(nn.Linear(3, 2)), 0.1)
+def test_param_groups_on_an_unregistered_model_warn_and_put_everything_in_other():
+    # (the model with no GmP layer is accepted since issue 21: tests/test_ecosystem.py)
+    plain = nn.Sequential(nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match="no GmP-registered layer.*'other'.*register"):
+        groups = param_groups(plain, 0.1)
+    assert [(g["name"], len(g["params"])) for g in groups] == [("other", 2)]
     with pytest.raises(TypeError, match="nn.Module"):
         param_groups([nn.Parameter(torch.zeros(2))], 0.1)
 
@@ -374,7 +377,7 @@ def test_unknown_state_key_is_refused_at_canonicalization():
 def test_bad_construction_is_refused():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     early = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="no GmP-registered layer"):
+    with pytest.warns(UserWarning, match="no GmP-registered layer"):
         GeometricOptimizer(early, model)
     georeparam.register(model)
     with pytest.raises(ValueError, match="none of the model.s GmP radii or angles are in the optimizer.*orphans"):
