@@ -17,7 +17,7 @@ sees ``x − μ``; the boundary is read in the coordinates of ``x`` with the run
 (what the layer uses in evaluation): ``λ`` becomes ``λ − dᵀμ``.
 
 # Note [Directions follow the form]
-GmP has two forms (DESIGN.md "The paper's form"). In the paper's form a unit computes
+GmP has two forms (the README's "The paper's form"). In the paper's form a unit computes
 ``r·g(uᵀx + λ)`` with ``r`` signed: the layer's effective weight is ``|r|·u``, so ``d = u`` whatever
 the sign of ``r``, and a sign change of ``r`` negates the unit's output without moving its
 boundary. In the weight form (``register(form="weight")``, ``geometric(layer)``) the layer computes
@@ -25,9 +25,9 @@ boundary. In the weight form (``register(form="weight")``, ``geometric(layer)``)
 one: ``d = −u``, a flip by π. Reading the effective weight is right in both forms; reading
 ``geometry(layer).radius · u`` would be wrong in the paper's form. The canonicalization of
 ``GeometricOptimizer`` never changes the effective weight, so it is never seen as a turn.
-Measured in ``python -m georeparam demo`` (2-128-1, Adam lr 0.1, 1000 steps): the weight form's
-201 flips > π/2 were exactly its 201 sign changes of r; the paper's form had 244 sign changes
-and 0 flips.
+In ``python -m georeparam demo`` the weight form's flips > π/2 are exactly its sign changes of r,
+and the paper's form changes sign without a flip (``tests/test_demo.py`` checks both; the
+README's demo table has the counts).
 
 # Note [Degenerate units]
 A unit with ``w = 0`` has no boundary (its pre-activation is the constant ``b``): a Cartesian unit
@@ -55,24 +55,6 @@ from .imn import has_input_mean_norm
 from .layouts import entry_of, layout_of
 
 __all__ = ["characteristic_points", "angle_between", "AngularDrift", "PointsRecorder"]
-
-# Moved out of this module (issue 9 item 7); the plots are still reachable from here, lazily.
-_MOVED_TO_PLOT = ("plot_boundaries_2d", "plot_points_1d")
-_MOVED_TO_BENCHMARKS = ("stability_experiment", "StabilityResult", "STABILITY_METHODS")
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_PLOT:
-        from . import plot
-
-        return getattr(plot, name)
-    if name in _MOVED_TO_BENCHMARKS:
-        raise AttributeError(
-            f"georeparam.analysis.{name} moved to benchmarks/figure1.py (the paper's Figure 1, run from a "
-            f"source checkout: python benchmarks/figure1.py)"
-        )
-    raise AttributeError(f"module 'georeparam.analysis' has no attribute {name!r}")
-
 
 # -- characteristic points -------------------------------------------------------------------------
 

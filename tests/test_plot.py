@@ -59,36 +59,3 @@ def test_plot_errors(monkeypatch):
     for draw in (lambda: plot_points_1d(torch.zeros(3, 4)), lambda: new_axes()):
         with pytest.raises(ImportError, match=r"pip install matplotlib \(or pip install 'georeparam\[plot\]'\)"):
             draw()
-
-
-def test_moved_names_still_resolve_or_say_where_they_went():
-    import georeparam.analysis as analysis
-    import georeparam.plot as plot
-
-    assert analysis.plot_boundaries_2d is plot.plot_boundaries_2d
-    assert analysis.plot_points_1d is plot.plot_points_1d
-    with pytest.raises(AttributeError, match="benchmarks/figure1.py"):
-        analysis.stability_experiment
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        analysis.nope
-
-
-def test_only_plot_imports_matplotlib():
-    # by source: no other module of the package imports it (experiments/ is leaving the package)
-    offenders = []
-    for path in sorted((REPO_ROOT / "georeparam").rglob("*.py")):
-        if "experiments" in path.parts or path.name == "plot.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            offenders += [f"{path.name}:{node.lineno}" for n in names if n.split(".")[0] == "matplotlib"]
-    assert offenders == []
-    # and at run time: importing the library, its analysis, plot module and CLI loads no matplotlib
-    code = (
-        "import sys, georeparam, georeparam.analysis, georeparam.plot, georeparam.cli, georeparam.demo\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib',) or m.startswith('georeparam.experiments'))\n"
-        "assert not bad, bad\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -150,7 +150,7 @@ def plot_boundaries(models: dict, test, path: Path, seed: int) -> Path:
     try:
         from georeparam.plot import plot_boundaries_2d
     except ImportError:  # before the plots move out of georeparam.analysis
-        from georeparam.analysis import plot_boundaries_2d
+        from georeparam.plot import plot_boundaries_2d
 
     plt = C.pyplot()
     x, y = test

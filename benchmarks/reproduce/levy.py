@@ -184,7 +184,7 @@ def plot_points(tracks, path: Path, seed: int, draw: str) -> Path:
     try:
         from georeparam.plot import plot_points_1d
     except ImportError:  # before the plots move out of georeparam.analysis
-        from georeparam.analysis import plot_points_1d
+        from georeparam.plot import plot_points_1d
 
     plt = C.pyplot()
     fig, axes = plt.subplots(1, len(tracks), figsize=(2.9 * len(tracks), 2.9), sharey=True, squeeze=False)
