@@ -14,14 +14,6 @@ from typing import List, Optional
 
 from . import __version__, demo
 
-#: Printed for ``reproduce``, which left the installed package with the experiments.
-REPRODUCE_MOVED = (
-    "python -m georeparam reproduce is gone: the paper's experiments are not part of the installed "
-    "package any more. In a source checkout of georeparam run\n"
-    "    python benchmarks/reproduce.py NAME      (python benchmarks/reproduce.py --help lists the names)"
-)
-
-
 def _prog() -> str:
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return "georeparam" if name == "georeparam" else "python -m georeparam"
@@ -89,9 +81,6 @@ def _info() -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["reproduce"]:
-        print(REPRODUCE_MOVED, file=sys.stderr)
-        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "info":

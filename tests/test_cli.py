@@ -1,4 +1,4 @@
-"""The command line: clean help, clear errors, the demo's options, `reproduce` pointing elsewhere."""
+"""The command line: clean help, clear errors, the demo's options, an unknown command refused."""
 
 import os
 import re
@@ -51,13 +51,6 @@ def test_no_command_and_unknown_command_are_clear_errors(capsys):
     assert e.value.code == 2 and "invalid choice: 'train'" in capsys.readouterr().err
 
 
-def test_reproduce_points_to_the_benchmarks_script(capsys):
-    for argv in (["reproduce"], ["reproduce", "levy", "--quick"], ["reproduce", "--help"]):
-        assert cli.main(argv) == 2
-        err = capsys.readouterr().err
-        assert "python benchmarks/reproduce.py NAME" in err and "source checkout" in err
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -92,4 +85,4 @@ def test_python_dash_m_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "georeparam", "--help"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m georeparam ")
     proc = subprocess.run([sys.executable, "-m", "georeparam", "reproduce", "uci"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
-    assert proc.returncode == 2 and "benchmarks/reproduce.py" in proc.stderr
+    assert proc.returncode == 2 and "invalid choice: 'reproduce'" in proc.stderr
