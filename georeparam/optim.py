@@ -241,7 +241,7 @@ def _differs(new: Tensor, old: Tensor) -> Tensor:
 
 
 def _trainable(layer: _Layer) -> bool:
-    # Note [Frozen layers]
+    # Note [Frozen layers are not canonicalized]
     # A layer with any coordinate frozen (requires_grad=False) is left alone: canonicalizing keeps
     # w, but it rewrites angles (and may flip r and λ) the user asked to keep fixed. Checked at
     # every canonicalization, since freezing can happen at any time.
@@ -535,7 +535,7 @@ class GeometricOptimizer(torch.optim.Optimizer):
         changed = 0
         for layer in self._layers:
             r, a = layer.radius, layer.angles
-            if not _trainable(layer):  # Note [Frozen layers]
+            if not _trainable(layer):  # Note [Frozen layers are not canonicalized]
                 continue
             if layer.keep_sign:  # angles only, keeping u: canonical_parts leaves u alone for r ≥ 0
                 _, new_a, _, a_sign = canonical_parts(r.abs(), a)
