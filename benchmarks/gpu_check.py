@@ -40,9 +40,9 @@ from speed import Block, mlp, variant  # the same models as the CPU tables (benc
 from speed import vgg as cnn
 
 try:
-    from georeparam._fused import scaled_unit
+    from georeparam._map import scaled_unit
 except ImportError:  # an older checkout
-    from georeparam.coords import _scaled_unit as scaled_unit
+    from georeparam._fused import scaled_unit
 
 
 def sync(device: torch.device) -> None:

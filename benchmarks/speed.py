@@ -39,13 +39,9 @@ from torch import nn
 
 import georeparam
 try:
+    from georeparam._map import kernel_status, scaled_unit, unit
+except ImportError:  # an older checkout (before georeparam._map), for before/after tables
     from georeparam._fused import kernel_status, scaled_unit, unit
-except ImportError:  # an older checkout (before georeparam._fused), for before/after tables
-    from georeparam.coords import _scaled_unit as scaled_unit
-    from georeparam.coords import _unit as unit
-
-    def kernel_status() -> str:
-        return "none (this checkout predates georeparam._fused)"
 from georeparam.coords import latitude_to_polar, to_hyperspherical
 
 

@@ -19,7 +19,7 @@ from .imn import input_mean_norm
 from .init import init_geometric_
 from .optim import GeometricOptimizer, param_groups
 from .averaging import WeightAverage
-from ._fused import kernel_status
+from ._map import kernel_status
 from .plain import plain_state_dict
 from .report import LayerReport, Report
 

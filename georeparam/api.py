@@ -26,7 +26,7 @@ from . import signs as _signs
 from .checkpoint import load_plain_entry
 from .pickling import make_picklable
 from .stale import retire, unretire
-from ._fused import check_mode
+from ._map import check_mode
 from .layouts import SUPPORTED, has_input, is_supported, layout_of, supported_names, weight_names
 from .parametrization import _Geometric, _GeometricBias, check_radius, check_weight_values, offset_from, unit_radius
 from .report import LayerReport, Report

@@ -68,9 +68,13 @@ def info_lines() -> List[str]:
         + "; CPU float64 and other dtypes: the pure-torch map; CUDA: the pure-torch map"
         + ("" if cuda else " (no CUDA device here)"),
     ]
-    cache_dir = getattr(georeparam, "kernel_cache_dir", None)  # public once the kernel's package exports it
-    if callable(cache_dir):
-        lines.insert(5, f"cache      {cache_dir()} (GEOREPARAM_CACHE_DIR overrides it)")
+    from ._map.build import KernelUnavailable, cache_dir
+
+    try:
+        where = cache_dir()
+    except KernelUnavailable as e:
+        where = f"none ({e})"
+    lines.insert(5, f"cache      {where} (GEOREPARAM_CACHE_DIR overrides it)")
     return lines
 
 

@@ -43,8 +43,8 @@ Precision of the map for float32 angles (relative error of each unit vector agai
 evaluation of the same angles, worst of 16 random directions; ``python benchmarks/speed.py
 --precision``, ``docs/speed.md``): ``mode="exact"`` (default) ≤ 5e-8 at every n up to 25,088;
 ``mode="fast"`` is the same with the compiled CPU kernel and otherwise stays in float32, up to
-5.6e-6 at 25,088 (:data:`georeparam._fused.MODES` states each). The autograd Functions, the
-kernel and the modes live in :mod:`georeparam._fused`; this module keeps the pure maps.
+5.6e-6 at 25,088 (:data:`georeparam._map.MODES` states each). The autograd Functions, the
+kernel and the modes live in :mod:`georeparam._map`; this module keeps the pure maps.
 """
 
 from __future__ import annotations
@@ -55,17 +55,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._fused import check_mode, compute_dtype, scaled_unit, unit
+from ._map import check_mode, compute_dtype, scaled_unit, unit
 
 __all__ = ["to_cartesian", "to_hyperspherical", "row_norms", "canonicalize", "polar_to_latitude", "latitude_to_polar"]
 
 _CONVENTIONS = ("latitude", "polar")
-
-# The autograd Functions live in georeparam._fused; these names stay importable from here for
-# modules written against the old layout (parametrization.py, analysis.py, benchmarks).
-_check_mode = check_mode
-_unit = unit
-_scaled_unit = scaled_unit
 
 
 def _check_convention(convention: str) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._fused import check_mode, scaled_unit
+from ._map import check_mode, scaled_unit
 from .coords import row_norms, to_hyperspherical
 from .layouts import Layout
 from .signs import unit_sign

@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import georeparam
 from conftest import rel_err, seeded
+from georeparam._map import use_backend
 
 MAP_OPS = {"cos", "sin", "cumprod", "atan2"}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -70,10 +71,14 @@ def _grads(model, x, y, amp_dtype=None) -> Dict[str, torch.Tensor]:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_map_runs_in_float32_or_better_under_autocast(device, amp_dtype, mode, monkeypatch):
+def test_map_runs_in_float32_or_better_under_autocast(device, amp_dtype, mode):
     # the pure-torch map, whose ops the recorder can see (the compiled CPU kernel's float64
-    # arithmetic is checked in tests/test_kernel.py)
-    monkeypatch.setattr(georeparam._fused, "_USE_KERNEL", False)
+    # arithmetic is checked in tests/test_map_cpu.py)
+    with use_backend("torch"):
+        _check_map_dtypes(device, amp_dtype, mode)
+
+
+def _check_map_dtypes(device, amp_dtype, mode):
     layer = georeparam.geometric(nn.Linear(64, 32).to(device), mode=mode)
     x = torch.randn(8, 64, device=device)
     outside = layer.weight.detach().clone()

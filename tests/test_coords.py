@@ -439,7 +439,7 @@ def test_gradcheck_including_poles(convention, mode):
     assert torch.autograd.gradgradcheck(f, (c.requires_grad_(),), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="double backward of _UnitVector at an exact pole: d(S/cos φ) "
+@pytest.mark.xfail(strict=True, reason="double backward of UnitVector at an exact pole: d(S/cos φ) "
                    "cancels catastrophically when cos φ = 6e-17 (first derivatives are exact)")
 def test_double_backward_at_exact_pole():
     a = _pole_angles(convention="latitude").requires_grad_()

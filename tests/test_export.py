@@ -1,7 +1,7 @@
 """Export of a registered model (issue 11): torch.export and ONNX, checked by running them.
 
 The ONNX models are run with onnx's own reference evaluator (no onnxruntime needed) and
-compared with the eager registered model; Note [Export without cumprod] in georeparam/_torch_map.py.
+compared with the eager registered model; Note [Export without cumprod] in georeparam/_map/torch_impl.py.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
-r"""The pure-torch GmP map and its analytic backward, and the table of modes.
+r"""The pure-torch GmP map and its analytic backward: the backend that runs everywhere.
 
-Always available: CUDA and other devices, ``torch.compile``, ``torch.func`` transforms, higher-
-order gradients, tensor subclasses, and CPU wherever the compiled kernel is not in use
-(:mod:`georeparam._fused` chooses). It is also the reference the kernel is tested against.
-Public (internal) names: :data:`MODES`, :func:`check_mode`, :func:`compute_dtype`,
-:func:`fast_paths`, :func:`scaled_unit_torch`, :func:`unit_torch`, :func:`u_and_prefix`,
-:func:`unit_backward`, :func:`unit_jvp`, :func:`is_plain`, :func:`exporting`,
-:func:`functorch_active`, :func:`direct_apply`.
+CUDA and other devices, ``torch.compile``, ``torch.func`` transforms, higher-order gradients,
+tensor subclasses, and CPU wherever the compiled kernel is not in use (:mod:`georeparam._map.dispatch`
+chooses). It is also the reference the kernel is tested against. :func:`unit` and
+:func:`scaled_unit` take promoted tensors with ``n ≥ 2``; :func:`unit_forward_traced`,
+:func:`unit_backward` and :func:`unit_jvp` are the differentiable formulas the kernel's Function
+shares for double backward and forward mode.
 """
 
 from __future__ import annotations
@@ -14,69 +13,27 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._kernel import disabled
+from ._compat import FAST_PATHS, call, exporting, is_plain
+from .modes import MODES
 
-_FAST = not disabled()  # read once at import: Note [One switch] in georeparam/_fused.py
-
-
-def fast_paths() -> bool:
-    """False when ``GEOREPARAM_NO_FAST_PATHS`` is set (Note [One switch])."""
-    return not disabled()
-
-
-@dataclass(frozen=True)
-class Mode:
-    """One row of :data:`MODES`: how the map rounds.
-
-    ``float64_product``: the pure-torch map evaluates the cosines and their running product in
-    float64 (Note [Where float64 is needed]); otherwise in the working dtype. The compiled kernel
-    computes everything in float64 in both modes.
-    ``error``: worst relative error of a float32 unit row against float64 (16 random directions,
-    ``python benchmarks/speed.py --precision``), per fan-in.
-    """
-
-    name: str
-    float64_product: bool
-    error: str
-
-
-MODES: Dict[str, Mode] = {
-    "exact": Mode("exact", True, "≤ 5e-8 at every fan-in up to 25,088 (kernel and pure torch)"),
-    "fast": Mode(
-        "fast",
-        False,
-        "with the compiled kernel (CPU) the same as exact; pure torch with numpy's sines: 5.8e-7 at "
-        "784, 1.4e-6 at 4,608, 5.6e-6 at 25,088 (~√n·eps/4); pure torch with torch's float32 cos "
-        "(GPU, compile, GEOREPARAM_NO_FAST_PATHS): 1.3e-6, 4.9e-6, 5.6e-5",
-    ),
-}
-
-
-def check_mode(mode: str) -> Mode:
-    """The :class:`Mode` named ``mode``; ``ValueError`` naming the choices otherwise."""
-    m = MODES.get(mode) if isinstance(mode, str) else None
-    if m is None:
-        raise ValueError(f"mode must be one of {tuple(MODES)}. Got: {mode!r}")
-    return m
-
-
-def compute_dtype(dtype: torch.dtype, mode: str) -> torch.dtype:
-    """The dtype of the cosines' running product: float64 for ``exact``, float32 or better for ``fast``.
-
-    Everything else (sines, the output, the backward) is evaluated in float32 or better in both
-    modes; see Note [Where float64 is needed].
-    """
-    if check_mode(mode).float64_product:
-        return torch.float64
-    return torch.promote_types(dtype, torch.float32)
-
+__all__ = [
+    "unit",
+    "scaled_unit",
+    "unit_forward",
+    "unit_forward_traced",
+    "unit_backward",
+    "unit_jvp",
+    "UnitVector",
+    "ScaledUnitVector",
+    "UnitVectorFwAD",
+    "ScaledUnitVectorFwAD",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,11 +48,11 @@ def compute_dtype(dtype: torch.dtype, mode: str) -> torch.dtype:
 # faster on one idle core but 1.5-10x slower with two threads on a loaded 2-core machine).
 # Only a weight above 2**22 elements goes in blocks of whole rows, which caps the temporaries
 # (float64 ones too) at a block's size.
-_BLOCK_ELEMENTS = 1 << 22
+BLOCK_ELEMENTS = 1 << 22
 
 
 def _block_rows(fan_in: int) -> int:
-    return max(1, _BLOCK_ELEMENTS // max(fan_in, 1))
+    return max(1, BLOCK_ELEMENTS // max(fan_in, 1))
 
 
 # Note [float32 sin and cos on CPU]
@@ -108,7 +65,7 @@ def _block_rows(fan_in: int) -> int:
 
 
 def _numpy_ok(t: Tensor) -> bool:
-    return _FAST and t.device.type == "cpu" and t.dtype == torch.float32 and _is_plain(t)
+    return FAST_PATHS and t.device.type == "cpu" and t.dtype == torch.float32 and is_plain(t)
 
 
 # Note [A second thread for the sines]
@@ -118,7 +75,7 @@ def _numpy_ok(t: Tensor) -> bool:
 # product; with one torch thread nothing runs beside the caller. The helper is created on first
 # use and forgotten in a forked child (its thread is not there).
 _SINE_THREAD: Optional[ThreadPoolExecutor] = None
-_SINE_THREAD_MIN_ELEMENTS = 1 << 18
+SINE_THREAD_MIN_ELEMENTS = 1 << 18
 
 
 def _sine_thread() -> Optional[ThreadPoolExecutor]:
@@ -160,7 +117,7 @@ def _unit_block(a: Tensor, mode: str, u: Tensor, prefix: Tensor, use_numpy: bool
     s = torch.empty_like(a)
     sines = None
     if use_numpy:
-        helper = _sine_thread() if a.numel() >= _SINE_THREAD_MIN_ELEMENTS else None
+        helper = _sine_thread() if a.numel() >= SINE_THREAD_MIN_ELEMENTS else None
         if helper is not None:
             sines = helper.submit(np.sin, a.detach().numpy(), out=s.numpy())
         else:
@@ -190,10 +147,10 @@ def _unit_block(a: Tensor, mode: str, u: Tensor, prefix: Tensor, use_numpy: bool
         u[:, 1:].copy_(s)
 
 
-def _unit_forward(angles: Tensor, mode: str, radius: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+def unit_forward(angles: Tensor, mode: str, radius: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
     """``(u, prefix)``, or ``(r·u, u, prefix)`` with ``radius``, block by block (Note [Blocks of rows])."""
-    if torch.compiler.is_compiling() or _exporting():
-        return _unit_forward_traced(angles, mode, radius)
+    if torch.compiler.is_compiling() or exporting():
+        return unit_forward_traced(angles, mode, radius)
     n = angles.shape[-1] + 1
     m = n - 2
     flat = angles.dim() != 2
@@ -222,13 +179,6 @@ def _unit_forward(angles: Tensor, mode: str, radius: Optional[Tensor] = None) ->
     return (u, prefix) if w is None else (w, u, prefix)
 
 
-def _exporting() -> bool:
-    """Under ``torch.export`` (also the first step of ``torch.onnx.export``) or a ``torch.jit``
-    trace (the legacy ONNX exporter): the graph must see plain torch ops, not the kernel, numpy
-    or writes into preallocated buffers (a trace recorded the kernel's output as a constant)."""
-    return bool(getattr(torch.compiler, "is_exporting", lambda: False)()) or torch.jit.is_tracing()
-
-
 def _cumprod_by_logs(c: Tensor) -> Tensor:
     """``cumprod(c, -1)`` as ``sign · exp(cumsum(log|c|))``, for export.
 
@@ -246,12 +196,12 @@ def _cumprod_by_logs(c: Tensor) -> Tensor:
     return (1 - 2 * torch.remainder(negatives, 2)) * mag
 
 
-def _unit_forward_traced(angles: Tensor, mode: str, radius: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
-    """:func:`_unit_forward` in out-of-place ops, for ``torch.compile`` (which fuses the passes
+def unit_forward_traced(angles: Tensor, mode: str, radius: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+    """:func:`unit_forward` in out-of-place ops, for ``torch.compile`` (which fuses the passes
     itself) and ``torch.export`` (Note [Export without cumprod])."""
     m = angles.shape[-1] - 1
     lat, lon = angles[..., :m], angles[..., m:]
-    prod = _cumprod_by_logs if _exporting() else (lambda c: torch.cumprod(c, -1))
+    prod = _cumprod_by_logs if exporting() else (lambda c: torch.cumprod(c, -1))
     if MODES[mode].float64_product and angles.dtype != torch.float64:
         prefix = prod(torch.cos(lat.to(torch.float64))).to(angles.dtype)
     else:
@@ -318,18 +268,7 @@ def _neg_grad_block_into(g: Tensor, u: Tensor, prefix: Tensor, sums: Tensor, gua
     return S
 
 
-def _is_plain(*tensors: Optional[Tensor]) -> bool:
-    """Eager, and no tensor is a functorch wrapper (vmap/grad level) or a subclass other than Parameter."""
-    if torch.compiler.is_compiling():
-        return False
-    return all(
-        t is None
-        or (type(t) in (Tensor, torch.nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t))
-        for t in tensors
-    )
-
-
-def _unit_backward(
+def unit_backward(
     g: Optional[Tensor], gp: Optional[Tensor], u: Tensor, prefix: Tensor, scale: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor]:
     """``(grad_angles · scale, Σ_i g_i u_i)``: the gradient of ``⟨g, u⟩ + ⟨gp, prefix⟩``.
@@ -345,7 +284,7 @@ def _unit_backward(
     rows = math.prod(lead)
     if g is None:
         g = torch.zeros_like(u)
-    if gp is None and not torch.is_grad_enabled() and _is_plain(g, u, prefix, scale):
+    if gp is None and not torch.is_grad_enabled() and is_plain(g, u, prefix, scale):
         m = n - 2
         flat = u.dim() != 2
         if flat:
@@ -384,7 +323,7 @@ def _unit_backward(
     return grad, sums
 
 
-def _unit_jvp(da: Tensor, u: Tensor, prefix: Tensor) -> Tuple[Tensor, Tensor]:
+def unit_jvp(da: Tensor, u: Tensor, prefix: Tensor) -> Tuple[Tensor, Tensor]:
     """Forward-mode tangents ``(du, dprefix)`` for an angle tangent ``da`` (for ``jacfwd``/``hessian``).
 
     With ``C_k = Σ_{j≤k} tan φ_j · dφ_j``: ``dprefix_k = −prefix_k · C_k``,
@@ -409,7 +348,7 @@ def _unit_jvp(da: Tensor, u: Tensor, prefix: Tensor) -> Tuple[Tensor, Tensor]:
     return du, dprefix
 
 
-class _UnitVector(torch.autograd.Function):
+class UnitVector(torch.autograd.Function):
     """``angles → (u, prefix)`` for latitude angles (``n ≥ 2``), with an analytic backward.
 
     Forward and backward stay in the dtype of the angles (float32 or float64; :func:`_unit`
@@ -421,7 +360,7 @@ class _UnitVector(torch.autograd.Function):
 
     @staticmethod
     def forward(angles: Tensor, mode: str) -> Tuple[Tensor, Tensor]:  # type: ignore[override]
-        return _unit_forward(angles, mode)
+        return unit_forward(angles, mode)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -434,14 +373,14 @@ class _UnitVector(torch.autograd.Function):
         u, prefix = ctx.saved_tensors
         if grad_u is None and grad_prefix is None:
             return None, None
-        return _unit_backward(grad_u, grad_prefix, u, prefix)[0], None
+        return unit_backward(grad_u, grad_prefix, u, prefix)[0], None
 
     @staticmethod
     def vmap(info, in_dims, angles: Tensor, mode: str):  # type: ignore[override]
         # Note [vmap rule]
         # The forward writes into tensors it allocates, which a vmap-generated rule cannot batch.
         # The map is row-wise, so a batch dimension is just one more leading dimension.
-        return _UnitVector.apply(angles.movedim(in_dims[0], 0), mode), (0, 0)
+        return UnitVector.apply(angles.movedim(in_dims[0], 0), mode), (0, 0)
 
 
 def _vmap_scaled(fn, info, in_dims, radius: Tensor, angles: Tensor, mode: str):
@@ -454,8 +393,8 @@ def _vmap_scaled(fn, info, in_dims, radius: Tensor, angles: Tensor, mode: str):
     return fn.apply(front(radius, in_dims[0]), front(angles, in_dims[1]), mode), (0, 0, 0)
 
 
-class _ScaledUnitVector(torch.autograd.Function):
-    """``(radius, angles) → (r·u, u, prefix)``: the weight rows in one pass (see :class:`_UnitVector`).
+class ScaledUnitVector(torch.autograd.Function):
+    """``(radius, angles) → (r·u, u, prefix)``: the weight rows in one pass (see :class:`UnitVector`).
 
     Folding the radius in saves the separate ``r · u`` product, its backward (two full passes
     and a temporary the size of the weight) and keeps ``u`` saved once.
@@ -463,7 +402,7 @@ class _ScaledUnitVector(torch.autograd.Function):
 
     @staticmethod
     def forward(radius: Tensor, angles: Tensor, mode: str) -> Tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        return _unit_forward(angles, mode, radius)
+        return unit_forward(angles, mode, radius)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -479,18 +418,18 @@ class _ScaledUnitVector(torch.autograd.Function):
             return None, None, None
         if grad_u is None and grad_prefix is None:
             # w = r·u: ∂/∂angles = r · (∂u/∂angles)ᵀ g and ∂/∂r = Σ g·u, both from one pass
-            grad_angles, grad_r = _unit_backward(grad_w, None, u, prefix, scale=radius)
+            grad_angles, grad_r = unit_backward(grad_w, None, u, prefix, scale=radius)
             return grad_r, grad_angles, None
         g = None if grad_w is None else grad_w * radius.unsqueeze(-1)
         if grad_u is not None:
             g = grad_u if g is None else g + grad_u
-        grad_angles, _ = _unit_backward(g, grad_prefix, u, prefix)
+        grad_angles, _ = unit_backward(g, grad_prefix, u, prefix)
         grad_r = None if grad_w is None else (grad_w * u).sum(-1)
         return grad_r, grad_angles, None
 
     @staticmethod
     def vmap(info, in_dims, radius: Tensor, angles: Tensor, mode: str):  # type: ignore[override]
-        return _vmap_scaled(_ScaledUnitVector, info, in_dims, radius, angles, mode)
+        return _vmap_scaled(ScaledUnitVector, info, in_dims, radius, angles, mode)
 
 
 # Note [Forward mode and compile]
@@ -499,30 +438,30 @@ class _ScaledUnitVector(torch.autograd.Function):
 # uses the base classes.
 
 
-class _UnitVectorFwAD(_UnitVector):
-    """:class:`_UnitVector` with forward-mode AD; see Note [Forward mode and compile]."""
+class UnitVectorFwAD(UnitVector):
+    """:class:`UnitVector` with forward-mode AD; see Note [Forward mode and compile]."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        _UnitVector.setup_context(ctx, inputs, output)
+        UnitVector.setup_context(ctx, inputs, output)
         ctx.save_for_forward(*output)
 
     @staticmethod
     def jvp(ctx, d_angles: Optional[Tensor], _):  # type: ignore[override]
         u, prefix = ctx.saved_tensors
-        return _unit_jvp(d_angles, u, prefix)
+        return unit_jvp(d_angles, u, prefix)
 
     @staticmethod
     def vmap(info, in_dims, angles: Tensor, mode: str):  # type: ignore[override]
-        return _UnitVectorFwAD.apply(angles.movedim(in_dims[0], 0), mode), (0, 0)
+        return UnitVectorFwAD.apply(angles.movedim(in_dims[0], 0), mode), (0, 0)
 
 
-class _ScaledUnitVectorFwAD(_ScaledUnitVector):
-    """:class:`_ScaledUnitVector` with forward-mode AD; see Note [Forward mode and compile]."""
+class ScaledUnitVectorFwAD(ScaledUnitVector):
+    """:class:`ScaledUnitVector` with forward-mode AD; see Note [Forward mode and compile]."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        _ScaledUnitVector.setup_context(ctx, inputs, output)
+        ScaledUnitVector.setup_context(ctx, inputs, output)
         _, u, prefix = output
         ctx.save_for_forward(inputs[0], u, prefix)
 
@@ -532,7 +471,7 @@ class _ScaledUnitVectorFwAD(_ScaledUnitVector):
         if d_angles is None:  # (None tangents for outputs trip an internal assert: zeros)
             assert d_radius is not None
             return d_radius.unsqueeze(-1) * u, torch.zeros_like(u), torch.zeros_like(prefix)
-        du, dprefix = _unit_jvp(d_angles, u, prefix)
+        du, dprefix = unit_jvp(d_angles, u, prefix)
         dw = radius.unsqueeze(-1) * du
         if d_radius is not None:
             dw = dw + d_radius.unsqueeze(-1) * u
@@ -540,68 +479,24 @@ class _ScaledUnitVectorFwAD(_ScaledUnitVector):
 
     @staticmethod
     def vmap(info, in_dims, radius: Tensor, angles: Tensor, mode: str):  # type: ignore[override]
-        return _vmap_scaled(_ScaledUnitVectorFwAD, info, in_dims, radius, angles, mode)
+        return _vmap_scaled(ScaledUnitVectorFwAD, info, in_dims, radius, angles, mode)
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-# Note [Calling the Function]
-# ``Function.apply`` binds the arguments with ``inspect.signature`` on every call (~40 µs, more
-# than the whole map of a small conv layer) before handing over to the C++ ``apply``. Outside
-# functorch transforms and compile, with every argument positional, that binding does nothing,
-# so the eager path calls the C++ ``apply`` directly; everything else goes through ``apply``.
-_DIRECT_APPLY = (
-    fast_paths()
-    and hasattr(torch._C, "_are_functorch_transforms_active")
-    and hasattr(torch._C._FunctionBase, "apply")
-)
-
-
-def _call(fn, compiling: bool, *args):
-    if _DIRECT_APPLY and not compiling and not _exporting() and not torch._C._are_functorch_transforms_active():
-        return super(torch.autograd.Function, fn).apply(*args)
-    return fn.apply(*args)
-
-
-def _functorch_active() -> bool:
-    if hasattr(torch._C, "_are_functorch_transforms_active"):
-        return bool(torch._C._are_functorch_transforms_active())
-    return True  # cannot tell: assume a transform, take the general path
-
-
-
-def unit_torch(angles: Tensor, mode: str) -> Tensor:
-    """:func:`georeparam._fused.unit` by the pure-torch map (``n ≥ 2``, promoted angles)."""
-    if _exporting():  # plain ops, no autograd.Function: the legacy exporter mis-wires multi-output ones
-        return _unit_forward_traced(angles, mode)[0]
+def unit(angles: Tensor, mode: str) -> Tensor:
+    """:func:`georeparam._map.dispatch.unit` by the pure-torch map (``n ≥ 2``, promoted angles)."""
+    if exporting():  # plain ops, no autograd.Function: the legacy exporter mis-wires multi-output ones
+        return unit_forward_traced(angles, mode)[0]
     compiling = torch.compiler.is_compiling()
-    fn = _UnitVector if compiling else _UnitVectorFwAD
-    u, _ = _call(fn, compiling, angles, mode)
+    fn = UnitVector if compiling else UnitVectorFwAD
+    u, _ = call(fn, compiling, angles, mode)
     return u
 
 
-def scaled_unit_torch(radius: Tensor, angles: Tensor, mode: str) -> Tensor:
+def scaled_unit(radius: Tensor, angles: Tensor, mode: str) -> Tensor:
     """``radius[..., None] · u(angles)`` by the pure-torch map (``n ≥ 2``, promoted tensors)."""
-    if _exporting():  # see unit_torch
-        return _unit_forward_traced(angles, mode, radius)[0]
+    if exporting():  # see unit
+        return unit_forward_traced(angles, mode, radius)[0]
     compiling = torch.compiler.is_compiling()
-    fn = _ScaledUnitVector if compiling else _ScaledUnitVectorFwAD
-    w, _, _ = _call(fn, compiling, radius, angles, mode)
+    fn = ScaledUnitVector if compiling else ScaledUnitVectorFwAD
+    w, _, _ = call(fn, compiling, radius, angles, mode)
     return w
-
-
-# the helpers the compiled kernel's Function shares (public names for georeparam._fused)
-u_and_prefix = _unit_forward_traced
-unit_backward = _unit_backward
-unit_jvp = _unit_jvp
-is_plain = _is_plain
-exporting = _exporting
-functorch_active = _functorch_active
-work_dtype = _work_dtype
-
-
-def direct_apply() -> bool:
-    """Whether Function.apply's Python binding may be skipped (Note [Calling the Function])."""
-    return _DIRECT_APPLY

@@ -1,4 +1,4 @@
-"""The compiled kernel (georeparam._kernel, Note [The kernel]) against the pure-torch map.
+"""The compiled kernel (georeparam._map.cpu, Note [The kernel]) against the pure-torch map.
 
 Every test here compares the kernel with an independent computation: the pure-torch map in
 float64, libm-accurate torch sin/cos, or a subprocess where the kernel is off. Where this
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,40 +18,43 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import georeparam._fused as fused
 from conftest import REPO_ROOT, rel_err, seeded
-from georeparam import _kernel
+from georeparam._map import build, cpu, fast_paths, kernel_status, scaled_unit, use_backend
 from georeparam.coords import to_hyperspherical
 
-LIB = None if not fused.fast_paths() else _kernel.load()
+LIB = None if not fast_paths() else build.load()
 
 
 @pytest.fixture(autouse=True)
-def float64_kernel_too(monkeypatch):
+def float64_kernel_too():
     """The float64 variant is tested here although float64 parameters normally take the
     pure-torch map (Note [float64 stays on the pure-torch map])."""
-    monkeypatch.setattr(fused, "_KERNEL_DTYPES", (torch.float32, torch.float64))
-needs_kernel = pytest.mark.skipif(LIB is None, reason=f"kernel not in use here: {fused.kernel_status()}")
+    with cpu.kernel_dtypes(torch.float32, torch.float64):
+        yield
+
+
+needs_kernel = pytest.mark.skipif(LIB is None, reason=f"kernel not in use here: {kernel_status()}")
+
+
+def a_compiler() -> bool:
+    cc = os.environ.get("CC")
+    return bool(cc and shutil.which(cc)) or any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 
 
 def torch_map(radius, angles, grad, mode="exact"):
     """The pure-torch map in float64: values and gradients (the reference)."""
-    saved = fused._USE_KERNEL
-    fused._USE_KERNEL = False
-    try:
+    with use_backend("torch"):
         r = radius.double().requires_grad_()
         a = angles.double().requires_grad_()
-        w = fused.scaled_unit(r, a, mode)
+        w = scaled_unit(r, a, mode)
         w.backward(grad.double())
-    finally:
-        fused._USE_KERNEL = saved
     return w.detach(), r.grad, a.grad
 
 
 def kernel_map(radius, angles, grad, mode="exact"):
     r = radius.clone().requires_grad_()
     a = angles.clone().requires_grad_()
-    w = fused.scaled_unit(r, a, mode)
+    w = scaled_unit(r, a, mode)
     fn = w.grad_fn
     while fn is not None and "Kernel" not in type(fn).__name__:
         fn = fn.next_functions[0][0] if fn.next_functions else None
@@ -59,13 +63,13 @@ def kernel_map(radius, angles, grad, mode="exact"):
     return w.detach(), r.grad, a.grad
 
 
-@pytest.mark.skipif(not fused.fast_paths(), reason="GEOREPARAM_NO_FAST_PATHS is set")
+@pytest.mark.skipif(not fast_paths(), reason="GEOREPARAM_NO_FAST_PATHS is set")
 def test_kernel_builds_wherever_a_compiler_is_found():
     """Every other test here skips without the kernel, so a source that no longer compiles would
     leave the suite green: where a C compiler exists (as on CI), the build must succeed."""
-    if not sys.platform.startswith(("linux", "darwin")) or _kernel._compiler() is None:
-        pytest.skip(f"no kernel expected here: {fused.kernel_status()}")
-    assert LIB is not None, fused.kernel_status()
+    if not sys.platform.startswith(("linux", "darwin")) or not a_compiler():
+        pytest.skip(f"no kernel expected here: {kernel_status()}")
+    assert LIB is not None, kernel_status()
     assert LIB.gmp_openmp() in (0, 1)
 
 
@@ -171,8 +175,8 @@ def test_kernel_exact_at_fan_in_25088():
 def test_threads_split_rows_without_changing_a_bit(monkeypatch, openmp):
     """Note [Kernel threads]: torch's OpenMP pool inside the kernel (where it was built with it)
     and the Python pool give the bits of one thread."""
-    monkeypatch.setattr(fused, "_PARALLEL_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(fused, "_USE_OPENMP", openmp)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(cpu, "USE_OPENMP", openmp)
     with seeded(1):
         radius, lat = to_hyperspherical(torch.randn(37, 200))
         grad = torch.randn(37, 200)
@@ -194,8 +198,8 @@ def test_kernel_second_order_and_forward_mode_use_the_torch_formulas():
     with seeded(2):
         radius, lat = to_hyperspherical(torch.randn(5, 7, dtype=torch.float64))
     r, a = radius.requires_grad_(), lat.requires_grad_()
-    assert torch.autograd.gradcheck(lambda s, t: fused.scaled_unit(s, t), (r, a), check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(lambda s, t: fused.scaled_unit(s, t), (r, a))
+    assert torch.autograd.gradcheck(lambda s, t: scaled_unit(s, t), (r, a), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(lambda s, t: scaled_unit(s, t), (r, a))
 
 
 @needs_kernel
@@ -216,14 +220,14 @@ def _run(code: str, env: dict) -> subprocess.CompletedProcess:
 
 
 PROBE = (
-    "import torch, georeparam._fused as f;"
+    "import logging, torch, georeparam._map as f; logging.basicConfig(level=logging.INFO);"
     "r, a = torch.tensor([2.0, -1.0]), torch.tensor([[0.3, -0.2, 1.0], [1.2, 0.1, -2.0]]);"
     "print(f.kernel_status()); print(f.scaled_unit(r, a).tolist())"
 )
 
 
 def test_switch_off_build_once_and_no_compiler(tmp_path):
-    """GEOREPARAM_NO_FAST_PATHS=1 turns the kernel off; a build says one line once and is cached;
+    """GEOREPARAM_NO_FAST_PATHS=1 turns the kernel off; a build logs one line once and is cached;
     without a compiler the pure-torch map runs. The numbers agree in all three."""
     off = _run(PROBE, {"GEOREPARAM_NO_FAST_PATHS": "1"})
     assert off.returncode == 0, off.stderr
@@ -237,7 +241,8 @@ def test_switch_off_build_once_and_no_compiler(tmp_path):
         first = _run(PROBE, cache)
         assert first.returncode == 0, first.stderr
         says = [line for line in first.stderr.splitlines() if "georeparam:" in line]
-        assert len(says) == 1 and "compiling the fused CPU kernel once" in says[0]
+        assert len(says) == 1 and says[0].startswith("INFO:georeparam._map.build:")
+        assert "compiling the fused CPU kernel once" in says[0]
         second = _run(PROBE, cache)
         assert "georeparam:" not in second.stderr and second.stdout.startswith("loaded")
         values += [first.stdout.splitlines()[1], second.stdout.splitlines()[1]]
@@ -283,5 +288,5 @@ def test_kernel_graph_keeps_only_its_inputs():
     radius.requires_grad_()
     lat.requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fused.scaled_unit(radius, lat)
+        scaled_unit(radius, lat)
     assert sum(seen.values()) == lat.numel() * 4 + radius.numel() * 4

@@ -1,5 +1,5 @@
-"""The fused map (georeparam._fused: the pure-torch _UnitVector / _ScaledUnitVector, and on CPU
-the compiled kernel where it is built) and what rides on it.
+"""The map (georeparam._map: the pure-torch UnitVector / ScaledUnitVector, and on CPU the
+compiled kernel where it is built) and what rides on it.
 
 References are independent of the code under test: the plain autograd formula (cos, sin,
 cumprod, roll, as existing GmP code writes it) evaluated in float64, gradcheck/gradgradcheck,
@@ -10,6 +10,7 @@ never here; what is checked here about cost is structural (what the graph saves)
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -19,12 +20,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import georeparam
-import georeparam._fused as fused
-import georeparam._torch_map as coords
+import georeparam._map.torch_impl as torch_impl
 from conftest import rel_err, seeded
-from georeparam._fused import scaled_unit as _scaled_unit
-from georeparam._fused import unit as _unit
-from georeparam._torch_map import _ScaledUnitVector, _ScaledUnitVectorFwAD
+from georeparam._map import fast_paths, kernel_status, use_backend
+from georeparam._map import scaled_unit as _scaled_unit
+from georeparam._map import unit as _unit
+from georeparam._map.torch_impl import ScaledUnitVector, ScaledUnitVectorFwAD
 from georeparam.coords import latitude_to_polar, to_hyperspherical
 
 
@@ -63,15 +64,16 @@ def pole_angles(dtype=torch.float64):
 
 
 @pytest.fixture
-def torch_path(monkeypatch):
+def torch_path():
     """The pure-torch map, with the compiled kernel turned off (it is used otherwise on CPU)."""
-    monkeypatch.setattr(fused, "_USE_KERNEL", False)
+    with use_backend("torch"):
+        yield
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of a few rows, so every test crosses block boundaries."""
-    monkeypatch.setattr(coords, "_BLOCK_ELEMENTS", 16)
+    monkeypatch.setattr(torch_impl, "BLOCK_ELEMENTS", 16)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -91,14 +93,10 @@ def small_blocks(monkeypatch):
 def test_matches_plain_formula_values_and_gradients(n, lead, seed, spread, mode, kernel):
     """Any angles (not only canonical ones: drifted, negative cosines) in float64, by the
     compiled kernel (where it is built) and by the pure-torch map."""
-    if kernel and not fused.kernel_status().startswith("loaded"):
+    if kernel and not kernel_status().startswith("loaded"):
         kernel = False
-    saved = fused._USE_KERNEL
-    fused._USE_KERNEL = kernel
-    try:
+    with use_backend("cpu" if kernel else "torch"):
         _check_against_plain(n, lead, seed, spread, mode)
-    finally:
-        fused._USE_KERNEL = saved
 
 
 def _check_against_plain(n, lead, seed, spread, mode):
@@ -124,7 +122,7 @@ def test_block_boundaries_change_nothing(small_blocks, monkeypatch, torch_path):
     g = torch.randn(13, 9)
     outs = {}
     for block in (16, 1 << 20):
-        monkeypatch.setattr(coords, "_BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(torch_impl, "BLOCK_ELEMENTS", block)
         a, r = lat.clone().requires_grad_(), radius.clone().requires_grad_()
         w = _scaled_unit(r, a, "exact")
         w.backward(g)
@@ -151,11 +149,11 @@ def test_gradcheck_and_gradgradcheck(points, mode, small_blocks):
     # every output of the Function (w, u and the saved prefix) is differentiable, each alone
     # (gradcheck takes one output at a time: the other cotangents are None)
     exact = mode  # the Functions take the mode's name
-    assert torch.autograd.gradcheck(lambda s, t: _ScaledUnitVectorFwAD.apply(s, t, exact), (r, a), **fw)
+    assert torch.autograd.gradcheck(lambda s, t: ScaledUnitVectorFwAD.apply(s, t, exact), (r, a), **fw)
     if points == "generic":
         # second order only away from the poles: see Note [Backward without the cumprod graph]
         assert torch.autograd.gradgradcheck(lambda s, t: _scaled_unit(s, t, mode), (r, a))
-        assert torch.autograd.gradgradcheck(lambda s, t: _ScaledUnitVector.apply(s, t, exact), (r, a))
+        assert torch.autograd.gradgradcheck(lambda s, t: ScaledUnitVector.apply(s, t, exact), (r, a))
 
 
 def test_poles_agree_with_plain_formula():
@@ -204,7 +202,7 @@ def test_fast_mode_error_is_what_docs_say(n, bound, bound_torch_cos):
     """docs/speed.md quotes 5.8e-7 at 784 and 1.4e-6 at 4608 over 16 rows (a √n random walk; it
     is 1.2e-6 and ~5e-6 with torch's biased float32 cos, which the pure-torch map uses when
     GEOREPARAM_NO_FAST_PATHS turns numpy off); exact must be far better on the same angles."""
-    if not coords.fast_paths():
+    if not fast_paths():
         bound = bound_torch_cos
     lat = random_angles(8, n, torch.float32)
     ref = _unit(lat.double(), "exact")
@@ -323,19 +321,19 @@ def test_autocast_map_runs_in_float32_and_layer_casts(torch_path):
     georeparam.geometric(layer)
     plain_w = layer.weight.detach().clone()
     seen = []
-    orig = coords._unit_forward
+    orig = torch_impl.unit_forward
 
     def spy(angles, exact, radius=None):
         seen.append(angles.dtype)
         return orig(angles, exact, radius)
 
-    coords._unit_forward = spy
+    torch_impl.unit_forward = spy
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             w = layer.weight
             y = layer(x)
     finally:
-        coords._unit_forward = orig
+        torch_impl.unit_forward = orig
     assert seen == [torch.float32, torch.float32]
     assert w.dtype == torch.float32 and torch.equal(w, plain_w)
     assert y.dtype == torch.bfloat16  # the layer's own matmul ran in bf16
@@ -348,13 +346,13 @@ def test_autocast_map_runs_in_float32_and_layer_casts(torch_path):
 
 def _count_maps(monkeypatch):
     calls = []
-    orig = coords._unit_forward
+    orig = torch_impl.unit_forward
 
     def counting(angles, exact, radius=None):
         calls.append(1)
         return orig(angles, exact, radius)
 
-    monkeypatch.setattr(coords, "_unit_forward", counting)
+    monkeypatch.setattr(torch_impl, "unit_forward", counting)
     return calls
 
 
@@ -422,12 +420,12 @@ def test_graph_keeps_only_u_prefix_and_radius(mode):
     assert plain >= 4 * weight_bytes
 
 
-@pytest.mark.skipif(not coords.fast_paths(), reason="GEOREPARAM_NO_FAST_PATHS: no numpy, no helper thread")
+@pytest.mark.skipif(not fast_paths(), reason="GEOREPARAM_NO_FAST_PATHS: no numpy, no helper thread")
 def test_sine_helper_thread_changes_nothing(monkeypatch, torch_path):
     """Note [A second thread for the sines]: the helper thread computes the same numbers."""
     lat = random_angles(64, 1100, torch.float32)
     radius = torch.rand(64) + 0.5
-    monkeypatch.setattr(coords, "_SINE_THREAD_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(torch_impl, "SINE_THREAD_MIN_ELEMENTS", 1)
     before = torch.get_num_threads()
     outs = []
     try:
@@ -437,5 +435,5 @@ def test_sine_helper_thread_changes_nothing(monkeypatch, torch_path):
                 outs.append(_scaled_unit(radius, lat, mode))
     finally:
         torch.set_num_threads(before)
-    assert coords._SINE_THREAD is not None  # the two-thread run used it
+    assert any(t.name.startswith("georeparam-sin") for t in threading.enumerate())  # the two-thread run used it
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])

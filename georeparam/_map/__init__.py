@@ -1,0 +1,28 @@
+r"""The GmP map ``(radius, latitude angles) → r·u``: the library's hot path, one contract, several backends.
+
+:mod:`georeparam.coords` holds the public, pure maps; :mod:`georeparam.parametrization` calls
+:func:`scaled_unit`. Inside:
+
+* ``dispatch.py``: the one backend choice (:func:`scaled_unit`, :func:`use_backend`);
+* ``modes.py``: the table of modes both backends read;
+* ``torch_impl.py``: the pure-torch map (every device, compile, ``torch.func``);
+* ``cpu.py``, ``build.py``, ``kernel/``: the compiled CPU kernel, its build and its C source;
+* ``_compat.py``: every probe of torch internals, and the switch ``GEOREPARAM_NO_FAST_PATHS``.
+"""
+
+from ._compat import fast_paths
+from .dispatch import backend_for, kernel_status, scaled_unit, unit, use_backend
+from .modes import MODES, Mode, check_mode, compute_dtype
+
+__all__ = [
+    "MODES",
+    "Mode",
+    "check_mode",
+    "compute_dtype",
+    "unit",
+    "scaled_unit",
+    "kernel_status",
+    "fast_paths",
+    "use_backend",
+    "backend_for",
+]
