@@ -43,6 +43,8 @@ class _Geometric(nn.Module):
         self.layout = shape if isinstance(shape, Layout) else Layout(shape, channel_dim=channel_dim, transposed=transposed, groups=groups)
         self.mode = mode
         self.sign_after = bool(sign_after)
+        if self.sign_after and self.layout.fan_in == 1:  # Note [The official 1-D unit] (set by right_inverse)
+            self.register_buffer("direction", torch.ones(self.layout.units))
         # set by api.geometric once the bias is registered; see Note [Assigning the weight]
         self._bias_name = None
         self._weight_name = None
@@ -92,7 +94,9 @@ class _Geometric(nn.Module):
             return self.from_units(radius.new_empty((self.units, self.fan_in)))
         device = angles.device.type  # entering autocast's context costs more than the map of a small layer
         with torch.autocast(device_type=device, enabled=False) if _autocast_on(device) else contextlib.nullcontext():
-            return self.from_units(scaled_unit(self.effective_radius(radius), angles, self.mode))
+            w = scaled_unit(self.effective_radius(radius), angles, self.mode)
+            d = getattr(self, "direction", None)
+            return self.from_units(w if d is None else w * d.to(w.dtype)[:, None])
 
     def right_inverse(self, weight: Tensor) -> Tuple[Tensor, Tensor]:
         # Note [Assigning the weight]
@@ -113,6 +117,14 @@ class _Geometric(nn.Module):
         with torch.no_grad():
             radius, angles = unit_coordinates(self.to_units(weight))
             check_radius(radius, what)
+            if getattr(self, "direction", None) is not None:
+                # Note [The official 1-D unit]
+                # At fan-in 1 the direction ±1 would be the sign of r, and sign(r) after f would
+                # leave no unit with r·f(−x + λ). The official 1-D unit r·ReLU(s·x + λ) freezes the
+                # direction s = sign(w) in a buffer (in the state dict, baked into w = |r|·s at
+                # remove); assigning a weight sets it anew. r = |w| here, signed from then on.
+                direction = unit_sign(radius)  # stored below, once nothing can refuse
+                radius = radius * direction
             if layer is not None:
                 old_radius = layer.parametrizations[self._weight_name].original0
                 if self._bias_name is not None:
@@ -122,6 +134,8 @@ class _Geometric(nn.Module):
                     bias_list.original.copy_(offset)
                 if self.sign_after:  # the weight is |r|·u: each unit keeps its sign(r) after the activation
                     radius = radius * unit_sign(old_radius)
+            if getattr(self, "direction", None) is not None:
+                self.direction = direction
         return radius, angles
 
     def _apply(self, fn, recurse=True):
