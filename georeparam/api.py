@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from . import imn as _imn
 from . import placement as _placement
 from . import signs as _signs
-from .checkpoint import load_plain_entry
+from .checkpoint import check_forms, check_layer_form, load_plain_entry, record_form
 from .pickling import make_picklable
 from .stale import retire, unretire
 from ._map import check_mode
@@ -261,6 +261,7 @@ def _register_validated(module: nn.Module, name: str, bias: Optional[str], mode:
             parametrize.register_parametrization(module, bias, _GeometricBias(module, name))
             param._bias_name = bias
         param._hook_handle_id = module._register_load_state_dict_pre_hook(_load_plain_state, with_module=True).id
+        param._form_hook_id = module._register_state_dict_hook(record_form).id  # Note [The form is part of the state]
         make_picklable(type(module))  # the class parametrize injected: Note [Pickling a registered layer]
     except BaseException:
         if parametrize.is_parametrized(module, bias) if has_bias else False:
@@ -439,9 +440,11 @@ def register(
         if place.sign:
             _entry(m, "weight")[1].sign_hook = _signs.attach(modules, m, "weight", place)
         where = place.where + (" (no IMN: attention or HF Conv1D)" if imn and (qname, m) not in with_imn else "")
-        entries[qname] = LayerReport(qname, describe(m), place.form, where=where, why=place.why)
+        entries[qname] = LayerReport(qname, describe(m), place.form, where=where, why=place.why, stays=place.stays)
     for _, m in with_imn:
         _imn.input_mean_norm(m)
+    if not any(getattr(h, "hook", h) is check_forms for h in model._load_state_dict_pre_hooks.values()):
+        model._register_load_state_dict_pre_hook(check_forms, with_module=True)  # Note [The form is part of the state]
     from .handback import install_plain_save  # (both import this module)
     from .watch import watch_wrappers
 
@@ -502,6 +505,7 @@ def _remove_one(module: nn.Module) -> List[Tuple["_signs.SignHook", Tensor]]:
         hid = getattr(param, "_hook_handle_id", None)
         if hid is not None:
             module._load_state_dict_pre_hooks.pop(hid, None)
+        module._state_dict_hooks.pop(getattr(param, "_form_hook_id", None), None)
     _restore_order(module._parameters, order)
     # fold the running mean into the (now plain) bias where exact, else keep it --
     if _imn.has_input_mean_norm(module) and not is_geometric(module):
@@ -604,6 +608,7 @@ def _refuse_sharded(targets: Sequence[nn.Module]) -> None:
 
 def _load_plain_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """load_state_dict pre-hook: converts a plain ``weight``/``bias`` into GmP coordinates (:mod:`georeparam.checkpoint`)."""
+    check_layer_form(module, prefix, local_metadata)
     for wname, param in _geometric_entries(module):
         refused = len(error_msgs)
         load_plain_entry(module, wname, param, state_dict, prefix, missing_keys, error_msgs)

@@ -41,8 +41,9 @@ from torch import Tensor, nn
 
 from .coords import to_hyperspherical
 from .parametrization import _Geometric, check_radius, check_weight_values, offset_from
+from .signs import unit_sign
 
-__all__ = ["load_plain_entry"]
+__all__ = ["load_plain_entry", "record_form", "form_mismatches", "form_error", "check_forms", "check_layer_form", "FORM_KEY"]
 
 
 def _in_model_dtype(value: Tensor, dtype: torch.dtype, key: str) -> Tensor:
@@ -116,6 +117,10 @@ def load_plain_entry(
             rows = param.to_units(weight.detach())
             radius, angles = to_hyperspherical(param.to_units(_in_model_dtype(weight, dtype, wkey)))
             check_radius(radius, wkey)  # rows whose norm overflows the model's dtype
+            if getattr(param, "direction", None) is not None:  # Note [The official 1-D unit]: s = sign(w), r = |w|
+                d = unit_sign(radius)
+                converted[f"{prefix}parametrizations.{wname}.0.direction"] = d
+                radius = radius * d
             converted[rkey], converted[akey] = radius, angles
         else:  # a plain bias without its weight: the weight is missing, and kept
             converted[rkey], converted[akey] = plist.original0.detach().clone(), plist.original1.detach().clone()
@@ -145,3 +150,102 @@ def load_plain_entry(
     elif okey is not None and okey not in state_dict:
         missing_keys.append(bkey)
     state_dict.update(converted)
+
+
+# -------------------------------------------------------------------------------------------------
+# the form is part of the state
+# -------------------------------------------------------------------------------------------------
+
+#: the ``state_dict._metadata`` entry of a GmP layer: ``{weight name: "sign_after" | "inside"}``
+FORM_KEY = "georeparam_form"
+
+
+def _form_of(param) -> str:
+    return "sign_after" if getattr(param, "sign_after", False) else "inside"
+
+
+_WORDS = {
+    "sign_after": "the paper's form with sign(r) after the activation (|r| in the layer)",
+    "inside": "r inside the layer (the weight form, or a unit with no activation)",
+}
+
+
+def record_form(module: nn.Module, destination, prefix: str, local_metadata) -> None:
+    """``state_dict`` hook of a GmP layer: records each GmP weight's form in the checkpoint's metadata.
+
+    # Note [The form is part of the state]
+    The same coordinates ``(r, θ, λ)`` compute ``s·f(|r|·z)`` in the paper's form and ``f(r·z)``
+    in the weight form: equal while every ``r > 0``, different once one is negative (a relative
+    output difference of 1.93 with five radii negative was measured). Which form a layer gets
+    depends on the model's code and on whether ``torch.fx`` could read it, so a checkpoint must
+    say which it was saved in. It is kept in ``state_dict._metadata`` (as PyTorch keeps each
+    module's ``version``): no key is added, so ``strict`` loading and key lists are unchanged, and
+    ``torch.save`` keeps it. Loading compares it (:func:`check_forms`). A GmP checkpoint without
+    the record (saved before it existed, or rebuilt as a plain ``dict``, which drops
+    ``_metadata``) loads unchecked, as before; a plain checkpoint loads into either form.
+    """
+    plists = getattr(module, "parametrizations", {})
+    forms = {n: _form_of(pl[0]) for n, pl in plists.items() if len(pl) and type(pl[0]).__name__ == "_Geometric"}
+    if forms:
+        local_metadata[FORM_KEY] = forms
+
+
+def form_mismatches(model: nn.Module, state_dict, prefix: str = "") -> List[str]:
+    """``"layer: checkpoint … / model …"`` for every GmP layer whose recorded form differs from the model's."""
+    metadata = getattr(state_dict, "_metadata", None) or {}
+    out = []
+    for qname, m in model.named_modules():
+        plists = getattr(m, "parametrizations", None)
+        if plists is None:
+            continue
+        full = f"{prefix}{qname}" if qname else prefix[:-1]
+        saved = metadata.get(full, {}).get(FORM_KEY)
+        if not saved:
+            continue
+        for wname, pl in plists.items():
+            if not len(pl) or type(pl[0]).__name__ != "_Geometric" or wname not in saved:
+                continue
+            if f"{full + '.' if full else ''}parametrizations.{wname}.original0" not in state_dict:
+                continue  # a plain entry: loads into either form
+            have = _form_of(pl[0])
+            if saved[wname] != have:
+                out.append(f"{full or '<model>'} (checkpoint: {_WORDS.get(saved[wname], saved[wname])}; model: {_WORDS[have]})")
+    return out
+
+
+def form_error(where: str, bad: List[str]) -> ValueError:
+    want = []
+    if any("checkpoint: the paper" in b for b in bad):
+        want.append("georeparam.register(model, form='paper') where the checkpoint's layers had sign(r) after the activation")
+    if any("checkpoint: r inside" in b for b in bad):
+        want.append("form='weight' where they had r inside the layer")
+    return ValueError(
+        f"{where}: the checkpoint holds GmP coordinates saved in another form than this model's for "
+        f"{len(bad)} layer(s); the same (r, θ, λ) compute another function once an r < 0 (Note [The form is "
+        f"part of the state]). Register the model as the checkpoint's was ({'; '.join(want)}; with the same model "
+        f"code and torch/transformers versions, which decide where sign(r) can go), or save a plain checkpoint "
+        f"(georeparam.plain_state_dict), which loads into either form. Nothing was loaded. Got: {bad[:5]}"
+    )
+
+
+def check_forms(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    """``load_state_dict`` pre-hook of a registered model's root: refuses a checkpoint of another
+    form before anything is copied (:func:`form_mismatches`)."""
+    bad = form_mismatches(module, state_dict, prefix)
+    if bad:
+        raise form_error(f"load_state_dict into {type(module).__name__}", bad)
+
+
+def check_layer_form(module: nn.Module, prefix: str, local_metadata) -> None:
+    """The same check for one layer (its own ``load_state_dict`` pre-hook; a layer loaded alone,
+    or a model wrapped after ``register``, whose root has no :func:`check_forms`)."""
+    saved = (local_metadata or {}).get(FORM_KEY)
+    if not saved:
+        return
+    bad = [
+        f"{prefix[:-1] or '<layer>'}.{w} (checkpoint: {_WORDS.get(saved[w], saved[w])}; model: {_WORDS[_form_of(pl[0])]})"
+        for w, pl in getattr(module, "parametrizations", {}).items()
+        if len(pl) and type(pl[0]).__name__ == "_Geometric" and w in saved and saved[w] != _form_of(pl[0])
+    ]
+    if bad:
+        raise form_error(f"load_state_dict into {type(module).__name__}", bad)

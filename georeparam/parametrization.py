@@ -47,6 +47,8 @@ class _Geometric(nn.Module):
         self.layout = shape if isinstance(shape, Layout) else Layout(shape, channel_dim=channel_dim, transposed=transposed, groups=groups)
         self.mode = mode
         self.sign_after = bool(sign_after)
+        if self.sign_after and self.layout.fan_in == 1:  # Note [The official 1-D unit] (set by right_inverse)
+            self.register_buffer("direction", torch.ones(self.layout.units))
         # set by api.geometric once the bias is registered; see Note [Assigning the weight]
         self._bias_name = None
         self._weight_name = None
@@ -106,7 +108,9 @@ class _Geometric(nn.Module):
             return self.from_units(radius.new_empty((self.units, self.fan_in)))
         device = angles.device.type  # entering autocast's context costs more than the map of a small layer
         with torch.autocast(device_type=device, enabled=False) if _autocast_on(device) else contextlib.nullcontext():
-            weight = self.from_units(scaled_unit(self.effective_radius(radius), angles, self.mode))
+            w = scaled_unit(self.effective_radius(radius), angles, self.mode)
+            d = getattr(self, "direction", None)
+            weight = self.from_units(w if d is None else w * d.to(w.dtype)[:, None])
         # Note [The weight's memory format]
         # A channels_last conv weight makes the conv choose channels_last kernels and output.
         # Handing the conv a contiguous weight instead changed the output's layout (and can
@@ -133,6 +137,14 @@ class _Geometric(nn.Module):
         with torch.no_grad():
             radius, angles = unit_coordinates(self.to_units(weight))
             check_radius(radius, what)
+            if getattr(self, "direction", None) is not None:
+                # Note [The official 1-D unit]
+                # At fan-in 1 the direction ±1 would be the sign of r, and sign(r) after f would
+                # leave no unit with r·f(−x + λ). The official 1-D unit r·ReLU(s·x + λ) freezes the
+                # direction s = sign(w) in a buffer (in the state dict, baked into w = |r|·s at
+                # remove); assigning a weight sets it anew. r = |w| here, signed from then on.
+                direction = unit_sign(radius)  # stored below, once nothing can refuse
+                radius = radius * direction
             if layer is not None:
                 old_radius = layer.parametrizations[self._weight_name].original0
                 if self._bias_name is not None:
@@ -142,6 +154,8 @@ class _Geometric(nn.Module):
                     bias_list.original.copy_(offset)
                 if self.sign_after:  # the weight is |r|·u: each unit keeps its sign(r) after the activation
                     radius = radius * unit_sign(old_radius)
+            if getattr(self, "direction", None) is not None:
+                self.direction = direction
         return radius, angles
 
     def _apply(self, fn, recurse=True):

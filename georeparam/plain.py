@@ -73,22 +73,29 @@ def plain_state_dict(model: nn.Module) -> Dict[str, Tensor]:
             if param.bias_name is not None:
                 sd.pop(f"{p}parametrizations.{param.bias_name}.original")
                 sd[p + param.bias_name] = getattr(m, param.bias_name).detach().clone()
+        stuck = []
         for hook in _signs.live_hooks(model):
+            lo, hi = hook.span
             s = hook.sign()
-            if bool((s > 0).all()):
+            if bool((s[lo:hi] > 0).all()):
                 continue
             new = None
-            if hook.consumer is not None and id(hook.consumer) in names and is_supported(hook.consumer):
+            if hook.consumer is not None and id(hook.consumer) in names and is_supported(hook.consumer) and (lo, hi) == (0, s.numel()):
                 key = f"{names[id(hook.consumer)]}.weight".lstrip(".")
                 new = _signs.column_signs(hook.consumer, sd[key], s, hook.flattened, hook.channel_dim)
             if new is None:
-                raise ValueError(
-                    f"plain_state_dict: {int((s < 0).sum())} units with r < 0 have their sign after "
-                    f"{type(hook.host).__name__} where no plain layer can hold it (a max-pool, or no single linear "
-                    f"consumer), so no plain checkpoint computes what the model computes. Save model.state_dict() "
-                    f"(loads into a model registered the same way) instead. Got: hook {hook!r}"
-                )
+                stuck.append(f"{names.get(id(hook.layer), '?')} ({int((s[lo:hi] < 0).sum())} units with r < 0, sign at {names.get(id(hook.host), '?')})")
+                continue
             sd[key] = new
+        if stuck:
+            raise ValueError(
+                f"plain_state_dict: the sign(r) of these layers acts where no plain layer can hold it (after a max-pool, "
+                f"where the activation feeds no single linear layer, or where the units reach it reshaped; the register "
+                f"report's footnotes list them): {stuck[:5]}. No plain checkpoint computes what the model computes. "
+                f"Either save model.state_dict() (it loads into a model registered the same way), or call "
+                f"georeparam.remove on a copy, which keeps those signs as small UnitSign modules (their state_dict has "
+                f"them), or register those layers with form='weight' / exclude=[...]. Got: {len(stuck)} such layer(s)"
+            )
     return sd
 
 

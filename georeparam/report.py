@@ -45,6 +45,9 @@ class LayerReport(NamedTuple):
         form: ``"paper"``, ``"weight"``, or ``None`` when skipped.
         where: for the paper's form, where ``sign(r)`` acts (or that no activation follows).
         why: why not the paper's form, or why skipped; empty otherwise.
+        stays: in the paper's form, why a sign with ``r < 0`` cannot be baked into a plain layer
+            at :func:`georeparam.remove` (it then stays as a small module, see
+            :class:`georeparam.signs.UnitSign`); empty when every sign can be baked.
     """
 
     name: str
@@ -52,6 +55,7 @@ class LayerReport(NamedTuple):
     form: Optional[str]
     where: str = ""
     why: str = ""
+    stays: str = ""
 
 
 class Report(Sequence):
@@ -109,13 +113,19 @@ class Report(Sequence):
             f"{n_weight} in the weight form), {len(self.skipped)} skipped"
         )
         rows = [("layer", "type", "form", "where / why")]
+        notes: List[str] = []
         for e in self.layers:
             note = e.where if e.form == "paper" else e.why
             if e.form is None:
                 note = f"skipped: {e.why}"
+            if e.stays:
+                notes.append(f"  [{len(notes) + 1}] {e.name or '<model>'}: {e.stays}")
+                note += f" [{len(notes)}]"
             rows.append((e.name or "<model>", e.kind, e.form or "-", note))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [head] + ["  " + "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+        if notes:
+            lines += ["  a sign with r < 0 stays as a small module at georeparam.remove (no plain layer holds it):"] + notes
         return "\n".join(line.rstrip() for line in lines)
 
     def __repr__(self) -> str:

@@ -33,9 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from .layouts import Layout, is_supported, layout_of
+from . import unitpath as up
 from .placement import Placement
 
-__all__ = ["SignHook", "unit_sign", "attach", "bake", "column_signs", "live_hooks", "detach"]
+__all__ = ["SignHook", "SignGroup", "UnitSign", "CallSign", "RecordShape", "apply_sign", "unit_sign", "attach", "bake", "column_signs", "live_hooks", "detach"]
 
 
 def unit_sign(radius: Tensor) -> Tensor:
@@ -49,42 +50,77 @@ def unit_sign(radius: Tensor) -> Tensor:
 # the hook
 # -------------------------------------------------------------------------------------------------
 
-_BUFFER = "georeparam_sign"
+_BUFFER = "georeparam_sign"  # the child module a sign no plain layer can hold stays in (Note [A sign no plain layer can hold])
+
+
+def apply_sign(x: Tensor, s: Tensor, axis: int, ops, span, shape) -> Tensor:
+    """``x`` times each unit's sign ``s`` (one per unit of the layer), on the entries the unit owns.
+
+    ``axis``: the unit axis of the layer's output counted from the end (so batched and unbatched
+    conv inputs both work); ``ops``: the :mod:`georeparam.unitpath` ops from the layer's output to
+    ``x``; ``span``: the units ``x`` carries; ``shape``: the layer's output shape (needed only
+    when ``ops`` reshape).
+    """
+    lo, hi = span
+    if up.is_trivial(ops):
+        dim = x.dim() + axis
+        if dim < 0:
+            raise RuntimeError(f"GmP sign: expected a tensor with a unit axis {axis}. Got: shape {tuple(x.shape)}")
+        sub = s[lo:hi]
+        size = x.shape[dim]
+        if size != sub.numel():
+            raise RuntimeError(
+                f"GmP sign: expected {sub.numel()} units along dim {dim}. Got: shape {tuple(x.shape)}"
+            )
+        return x * sub.reshape((size,) + (1,) * (x.dim() - dim - 1))
+    if shape is None:
+        raise RuntimeError("GmP sign: the layer's output shape was not recorded (was the layer called before its activation?)")
+    try:
+        st = up.follow(shape, axis, s.numel(), ops)
+    except up.Lost as e:
+        raise RuntimeError(
+            f"GmP sign: the units of a layer of output shape {tuple(shape)} cannot be followed at run time ({e}); "
+            f"register that layer with form='weight' (or exclude it). Got: ops {list(ops)}"
+        ) from None
+    return x * up.broadcast(s, st, x)
 
 
 class SignHook:
-    """Multiplies each unit's output by ``sign(r)`` of ``layer`` (read live), along the unit dim.
+    """Multiplies each unit's output by ``sign(r)`` of ``layer`` (read live), where the unit is.
 
     Used as a forward hook on the activation (``pre=False``) or a forward pre-hook on the one
-    consumer (``pre=True``; then a flattened input repeats each unit's sign over its block).
-    After :func:`bake` left a sign no plain layer can hold, it reads the constant buffer
-    ``georeparam_sign`` of its host instead.
+    consumer (``pre=True``). ``ops`` (:mod:`georeparam.unitpath`) say how the units got from the
+    layer's output to the host's tensor; when they reshape, a forward hook on the layer records
+    its output's shape (:class:`RecordShape`).
 
     A callable object, not a closure: ``copy.deepcopy`` of the model maps ``layer`` to the copy's
     layer (a closure would keep reading the original's radius).
     """
 
     def __init__(
-        self, layer: Optional[nn.Module], weight_name: str, layout: Layout, *, pre: bool, host: nn.Module,
-        consumer: Optional[nn.Module] = None, flattened: bool = False,
+        self, layer: nn.Module, weight_name: str, layout: Layout, *, pre: bool, host: nn.Module,
+        consumer: Optional[nn.Module] = None, axis: int = -1, ops=(), span=None, bake=None,
     ):  # fmt: skip
         self.layer = layer
         # the weight's ParametrizationList, kept for Note [torch's remover on a GmP weight]
-        self._weight_list = layer.parametrizations[weight_name] if layer is not None else None
-        self.consumer = consumer
-        self.flattened = flattened
+        self._weight_list = layer.parametrizations[weight_name]
         self.weight_name = weight_name
         self.units = layout.units
-        self.channel_dim = layout.channel_dim
+        self.axis = axis
+        self.ops = tuple(ops)
+        self.span = tuple(span) if span is not None else (0, layout.units)
+        # baking into the consumer's input columns (plain.py, bake): only where its columns can take it
+        self.consumer = consumer if bake is not None else None
+        self.flattened = bool(bake[1]) if bake is not None else False
+        self.channel_dim = (-1 if bake[0] == -1 else 1) if bake is not None else layout.channel_dim
         self.pre = pre
         self.host = host
+        self.shape = None  # the layer's output shape, when ops reshape
         self.handle_id: Optional[int] = None
+        self.record_id: Optional[int] = None
 
     def _values(self) -> Tensor:
-        """What the sign comes from, without gradient: the layer's signed radius read live, or the
-        baked constant signs (±1, which :func:`unit_sign` leaves as they are)."""
-        if self.layer is None:
-            return getattr(self.host, _BUFFER)
+        """The layer's signed radius, read live and without gradient."""
         plists = self.layer.parametrizations if hasattr(self.layer, "parametrizations") else {}
         plist = plists[self.weight_name] if self.weight_name in plists else self._weight_list
         return plist.original0.detach()
@@ -94,23 +130,14 @@ class SignHook:
 
     def orphaned(self) -> bool:
         """Whether torch's own remover took the layer's GmP weight away (the sign lives on)."""
-        if self.layer is None:
-            return False
         plists = getattr(self.layer, "parametrizations", {})
         return self.weight_name not in plists or plists[self.weight_name] is not self._weight_list
 
     def _apply(self, x: Tensor) -> Tensor:
         v = self._values()
-        if _skippable(v, x):  # all ≥ 0 (all s = +1): one reduction, no sign tensor
+        if _skippable(v[self.span[0] : self.span[1]], x):  # all ≥ 0 (all s = +1): one reduction, no sign tensor
             return x
-        s = unit_sign(v).to(x.dtype)
-        dim = self.channel_dim if self.channel_dim >= 0 else x.dim() + self.channel_dim
-        size = x.shape[dim]
-        if size != self.units:  # flattened: each unit's block of size // units entries
-            s = s.repeat_interleave(size // self.units)
-        shape = [1] * (x.dim() - dim)
-        shape[0] = size
-        return x * s.reshape(shape)
+        return apply_sign(x, unit_sign(v).to(x.dtype), self.axis, self.ops, self.span, self.shape)
 
     def __call__(self, module: nn.Module, args, output=None):
         if self.pre:
@@ -118,7 +145,53 @@ class SignHook:
         return self._apply(output)
 
     def __repr__(self) -> str:
-        return f"SignHook(units={self.units}, channel_dim={self.channel_dim}, pre={self.pre}, constant={self.layer is None})"
+        return f"SignHook(units={self.units}, axis={self.axis}, pre={self.pre}, ops={list(self.ops)}, span={self.span})"
+
+
+class RecordShape:
+    """Forward hook on a layer: keeps its output's shape on ``target`` (a :class:`SignHook` or :class:`UnitSign`)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __call__(self, module, args, output):
+        self.target.shape = tuple(output.shape)
+
+
+class UnitSign(nn.Module):
+    """A constant per-unit sign that no plain layer could absorb at :func:`georeparam.remove`.
+
+    A child ``georeparam_sign`` of the activation (or consumer) it acts at, with the signs as a
+    buffer, so ``state_dict``, ``load_state_dict``, ``torch.save(model)`` and ``deepcopy`` carry it
+    (Note [A sign no plain layer can hold]).
+    """
+
+    def __init__(self, sign: Tensor, axis: int, ops=(), span=None):
+        super().__init__()
+        self.register_buffer("sign", sign.detach().clone())
+        self.axis, self.ops = int(axis), tuple(ops)
+        self.span = tuple(span) if span is not None else (0, sign.numel())
+        self.shape = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return apply_sign(x, self.sign.to(x.dtype), self.axis, self.ops, self.span, self.shape)
+
+    def extra_repr(self) -> str:
+        neg = int((self.sign[self.span[0] : self.span[1]] < 0).sum())
+        return f"units={self.span[1] - self.span[0]}, negative={neg}, axis={self.axis}"
+
+
+class CallSign:
+    """The host's hook that calls its child ``georeparam_sign`` (a picklable object, not a closure)."""
+
+    def __init__(self, pre: bool):
+        self.pre = pre
+
+    def __call__(self, module, args, output=None):
+        sign = getattr(module, _BUFFER)
+        if self.pre:
+            return (sign(args[0]),) + tuple(args[1:])
+        return sign(output)
 
 
 def _skippable(s: Tensor, x: Tensor) -> bool:
@@ -147,18 +220,34 @@ def _wrapped(t: Tensor) -> bool:
     return fn is None or bool(fn(t))
 
 
-def attach(model_modules: Dict[str, nn.Module], layer: nn.Module, weight_name: str, placement: Placement) -> SignHook:
-    """Put the hook of ``placement`` on its host; returns it (the layer keeps it for :func:`bake`)."""
-    host = model_modules[placement.host]
+class SignGroup(list):
+    """The sign hooks of one layer whose units were split (``chunk``/``split``) to several activations."""
+
+    def sign(self) -> Tensor:
+        return self[0].sign()
+
+
+def attach(model_modules: Dict[str, nn.Module], layer: nn.Module, weight_name: str, placement: Placement):
+    """Put the hooks of ``placement`` on their hosts; returns the :class:`SignHook` (a :class:`SignGroup`
+    for several parts), which the layer keeps for :func:`bake`."""
     lay = layout_of(layer, weight_name)
-    consumer = model_modules.get(placement.consumer) if placement.consumer else None
-    hook = SignHook(layer, weight_name, lay, pre=placement.pre, host=host, consumer=consumer, flattened=placement.flattened)
-    if placement.pre:
-        handle = host.register_forward_pre_hook(hook, prepend=True)  # before IMN centres the input
-    else:
-        handle = host.register_forward_hook(hook, prepend=True)
-    hook.handle_id = handle.id
-    return hook
+    hooks = SignGroup()
+    for part in placement.parts:
+        host = model_modules[part.host]
+        consumer = model_modules.get(part.consumer) if part.consumer else None
+        hook = SignHook(
+            layer, weight_name, lay, pre=part.pre, host=host, consumer=consumer, axis=placement.axis, ops=part.ops,
+            span=part.units, bake=part.bake,
+        )  # fmt: skip
+        if part.pre:
+            handle = host.register_forward_pre_hook(hook, prepend=True)  # before IMN centres the input
+        else:
+            handle = host.register_forward_hook(hook, prepend=True)
+        hook.handle_id = handle.id
+        if not up.is_trivial(part.ops):
+            hook.record_id = layer.register_forward_hook(RecordShape(hook)).id
+        hooks.append(hook)
+    return hooks[0] if len(hooks) == 1 else hooks
 
 
 def live_hooks(model: nn.Module):
@@ -166,13 +255,15 @@ def live_hooks(model: nn.Module):
     for m in model.modules():
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
             for h in list(hooks.values()):
-                if isinstance(h, SignHook) and h.layer is not None:
+                if isinstance(h, SignHook):
                     yield h
 
 
 def detach(hook: SignHook) -> None:
     hooks = hook.host._forward_pre_hooks if hook.pre else hook.host._forward_hooks
     hooks.pop(hook.handle_id, None)
+    if hook.record_id is not None:
+        hook.layer._forward_hooks.pop(hook.record_id, None)
 
 
 def column_signs(consumer: nn.Module, w: Tensor, s: Tensor, flattened: bool, producer_cd: int) -> Optional[Tensor]:
@@ -200,24 +291,30 @@ def column_signs(consumer: nn.Module, w: Tensor, s: Tensor, flattened: bool, pro
     return None
 
 
-def bake(hook: SignHook, s: Tensor) -> Optional[str]:
-    """End a live sign ``s`` (its layer was removed): into the consumer's columns, else a constant.
+def bake(hook, s: Tensor) -> Optional[str]:
+    """End a live sign ``s`` (its layer was removed): into the consumer's columns, else a :class:`UnitSign`.
 
-    Returns a warning message when the sign had to stay as a constant on its host, else ``None``.
+    Returns a warning message when the sign had to stay as a module on its host, else ``None``.
 
     # Note [A sign no plain layer can hold]
-    After a max-pool (or where the activation's output reaches no single linear consumer) a
-    negative ``r`` cannot be folded into any plain layer: ``maxpool(−a) ≠ −maxpool(a)``. The
-    function is kept exactly by leaving the hook in place with the signs as a non-persistent
-    buffer ``georeparam_sign`` of its host (it moves with ``.to()`` and deep-copies, but is not
-    in ``state_dict``): :func:`georeparam.remove` warns when that happens.
+    After a max-pool, where the activation's output reaches no single linear consumer, or where
+    the units reach it reshaped or in part, a negative ``r`` cannot be folded into any plain layer
+    (``maxpool(−a) ≠ −maxpool(a)``). The function is kept exactly by a small real module,
+    :class:`UnitSign` (the signs as a buffer), added as the child ``georeparam_sign`` of the host
+    with a hook that calls it: ``state_dict`` holds the signs (a plain model loading it reports an
+    unexpected key instead of silently computing another function), and ``torch.save(model)`` and
+    ``deepcopy`` carry it. ``register``'s report says up front where this can happen.
     """
-    hook.layer = None
-    if bool((s > 0).all()):
-        detach(hook)
+    if isinstance(hook, SignGroup):
+        msgs = [m for h in hook for m in [bake(h, s)] if m]
+        return "; ".join(msgs) or None
+    detach(hook)
+    lo, hi = hook.span
+    part = s[lo:hi]
+    if bool((part > 0).all()):
         return None
     consumer = hook.consumer
-    if consumer is not None and is_supported(consumer):
+    if consumer is not None and is_supported(consumer) and (lo, hi) == (0, s.numel()):
         new = column_signs(consumer, consumer.weight.detach(), s, hook.flattened, hook.channel_dim)
         if new is not None:
             with torch.no_grad():
@@ -225,13 +322,18 @@ def bake(hook: SignHook, s: Tensor) -> Optional[str]:
                     consumer.weight = new  # GmP: its own sign is kept (see right_inverse)
                 else:
                     consumer.weight.copy_(new)
-            detach(hook)
             return None
-    if hasattr(hook.host, _BUFFER):
-        raise RuntimeError(f"remove: {type(hook.host).__name__} already holds a constant GmP sign; cannot hold a second")
-    hook.host.register_buffer(_BUFFER, s, persistent=False)
+    host = hook.host
+    if hasattr(host, _BUFFER):
+        raise RuntimeError(f"remove: {type(host).__name__} already holds a constant GmP sign; cannot hold a second")
+    unit = UnitSign(s, hook.axis, hook.ops, hook.span)
+    host.add_module(_BUFFER, unit)
+    (host.register_forward_pre_hook if hook.pre else host.register_forward_hook)(CallSign(hook.pre), prepend=True)
+    if not up.is_trivial(hook.ops):
+        hook.layer.register_forward_hook(RecordShape(unit))
     return (
-        f"the signs of {int((s < 0).sum())} units with r < 0 stay on {type(hook.host).__name__} as a constant "
-        f"(buffer {_BUFFER!r}, not in state_dict): no plain layer can hold a sign after a max-pool or where the "
-        f"activation feeds no single linear layer (Note [A sign no plain layer can hold])"
+        f"the signs of {int((part < 0).sum())} units with r < 0 stay on {type(host).__name__} as a module "
+        f"(its child {_BUFFER!r}, a UnitSign with the signs in state_dict): no plain layer can hold a sign after a "
+        f"max-pool, where the activation feeds no single linear layer, or where the units reach it reshaped "
+        f"(Note [A sign no plain layer can hold])"
     )

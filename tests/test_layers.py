@@ -334,8 +334,7 @@ def test_register_followed_by_relu_is_exact_in_both_forms(name, factory, in_shap
         g = torch.randn_like(model(x))
     y0, gx0 = _forward_and_input_grad(model, x, g)
     report = georeparam.register(model, form=form)
-    fan_in_1 = georeparam.geometry(model[0]).angles.shape[-1] == 0
-    assert report.form_of("0") == ("weight" if form == "weight" or fan_in_1 else "paper")
+    assert report.form_of("0") == ("weight" if form == "weight" else "paper")  # fan-in 1 too: the official 1-D unit
     y1, gx1 = _forward_and_input_grad(model, x, g)
     t = tol(dtype)
     assert rel_err(y1, y0) <= t and rel_err(gx1, gx0) <= t

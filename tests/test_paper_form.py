@@ -416,8 +416,8 @@ def test_report_and_remove_on_torchvision_like_models():
     torch.manual_seed(0)
     resnet = ResNet18(width=4).double().eval()
     report = register(resnet)
-    assert len(report) == 21 and all(e.form == "paper" for e in report.layers)
-    assert all("BatchNorm2d" in e.where for e in report.layers if e.kind == "Conv2d")
+    # every conv feeds a BatchNorm before its ReLU: the weight form, the norm named (Note [A norm before the activation])
+    assert len(report) == 21 and all(e.form == "weight" and "BatchNorm2d" in e.why for e in report.layers if e.kind == "Conv2d")
     assert report.form_of("fc") == "paper" and "output" in report.layers[-1].where
 
     vgg = vgg11(width=4).double().eval()
@@ -471,3 +471,155 @@ def test_torchs_own_remover_keeps_the_function_and_remove_finishes(form):
     assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
+
+
+# -------------------------------------------------------------------------------------------------
+# issue 20: the sign where the unit is
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conv,shape", [(nn.Conv1d, (2, 9)), (nn.Conv2d, (2, 7, 6)), (nn.Conv1d, (2, 11))])
+def test_unbatched_conv_input_gets_the_sign_on_its_channels(conv, shape):
+    """An unbatched (C, L) / (C, H, W) input: the sign multiplies channels, as for the batch of one,
+    and as the formula r·relu(conv(x, u) + λ) written here says (``remove`` agrees)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(2, 4, 3), nn.ReLU(), conv(4, 3, 3)).double()
+    register(model)
+    x = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        geometry(model[0]).radius[:2] *= -1
+        g = geometry(model[0])
+        op = F.conv1d if conv is nn.Conv1d else F.conv2d
+        spatial = (1,) * (len(shape) - 1)
+        u = model[0].weight / g.radius.abs().reshape(-1, 1, *spatial)
+        h = g.radius.reshape(-1, *spatial) * torch.relu(op(x, u) + g.offset.reshape(-1, *spatial))
+        want = op(h, model[2].weight, model[2].bias)
+        torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model(x[None])[0], want, rtol=1e-12, atol=1e-12)
+        remove(model)
+        torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+
+
+class DirectCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.act, self.l2 = nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2)
+
+    def forward(self, x):
+        self.features = self.act(self.l1(x))  # a ``return_features`` attribute read at the ReLU
+        return self.l2(self.features)
+
+
+def test_direct_call_and_features_see_the_papers_unit():
+    """The sign is a hook on the activation: ``model.l2(z)`` is plain ``l2``, and a feature read at
+    the ReLU (an attribute, or a forward hook as torchvision's feature extractors use) is r·relu(z)."""
+    torch.manual_seed(0)
+    model = DirectCall().double()
+    report = register(model)
+    assert "after act (ReLU)" in report.layers[0].where
+    x, z = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    seen = {}
+    model.act.register_forward_hook(lambda m, a, o: seen.__setitem__("act", o))
+    with torch.no_grad():
+        geometry(model.l1).radius[::2] *= -1
+        g = geometry(model.l1)
+        u = model.l1.weight / g.radius.abs()[:, None]
+        unit = g.radius * torch.relu(x @ u.T + g.offset)
+        torch.testing.assert_close(model(x), F.linear(unit, model.l2.weight, model.l2.bias), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model.features, unit, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(seen["act"], unit, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model.l2(z), F.linear(z, model.l2.weight, model.l2.bias), rtol=0, atol=0)
+
+
+def test_a_functional_activation_says_where_the_sign_lives():
+    report = register(FunctionalNet())
+    assert "a direct call c2(z) multiplies z by it too" in report.layers[0].where
+
+
+# -------------------------------------------------------------------------------------------------
+# the form is part of the state; nothing lost at the hand-back; the official 1-D unit
+# -------------------------------------------------------------------------------------------------
+
+
+def _negative_pair():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1)).double()
+    b = copy.deepcopy(a)
+    register(a)
+    register(b, form="weight")
+    with torch.no_grad():
+        geometry(a[0]).radius[:5] *= -1
+    return a, b
+
+
+def test_a_checkpoint_of_another_form_is_refused_and_nothing_loaded(tmp_path):
+    a, b = _negative_pair()
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    sd = torch.load(tmp_path / "a.pt")
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    with pytest.raises(ValueError, match=r"another form.*form='paper'.*\[\"0 \(checkpoint: the paper's form"):
+        b.load_state_dict(sd)
+    assert all(torch.equal(before[k], v) for k, v in b.state_dict().items())
+    with pytest.raises(ValueError, match="another form"):  # a layer alone: its own hook
+        b[0].load_state_dict(a[0].state_dict())
+    with pytest.raises(ValueError, match="another form"):  # and back
+        a.load_state_dict(b.state_dict())
+    c = copy.deepcopy(a)
+    c.load_state_dict(sd)  # the same form loads
+    plain = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1)).double()
+    b.load_state_dict(plain.state_dict())  # plain checkpoints load into either form, as before
+    a.load_state_dict(plain.state_dict())
+
+
+def test_a_sign_no_plain_layer_holds_stays_as_a_module(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 1)).double()
+    report = register(model)
+    assert report.layers[0].stays and "MaxPool2d" in str(report)  # said up front
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        geometry(model[0]).radius[:2] *= -1
+        before = model(x)
+    with pytest.raises(ValueError, match=r"plain_state_dict: .*\['0 \(2 units with r < 0, sign at 1\)'\].*form='weight'"):
+        georeparam.plain_state_dict(model)
+    with pytest.warns(UserWarning, match="MaxPool|max-pool"):
+        remove(model)
+    assert isinstance(model[1].georeparam_sign, georeparam.signs.UnitSign)
+    assert "1.georeparam_sign.sign" in model.state_dict()
+    torch.save(model, tmp_path / "m.pt")
+    for twin in (torch.load(tmp_path / "m.pt", weights_only=False), copy.deepcopy(model)):
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), before, rtol=1e-12, atol=1e-12)
+    fresh = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 1)).double()
+    with pytest.raises(RuntimeError, match="georeparam_sign.sign"):  # never silently another function
+        fresh.load_state_dict(model.state_dict())
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[1].georeparam_sign.sign.fill_(1.0)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), before, rtol=1e-12, atol=1e-12)
+
+
+@given(st.lists(st.booleans(), min_size=6, max_size=6))
+@settings(max_examples=10, deadline=None)
+def test_fan_in_1_is_the_official_1d_unit(flip):
+    """r·ReLU(s·x + λ) with s = sign(w₀) frozen (a buffer in the state dict), exact at register, baked at remove."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(1, 6), nn.ReLU(), nn.Linear(6, 1)).double()
+    x = torch.linspace(-3, 3, 13, dtype=torch.float64)[:, None]
+    w0 = model[0].weight.detach()[:, 0].clone()
+    with torch.no_grad():
+        start = model(x)
+    report = register(model)
+    assert report.form_of("0") == "paper"
+    assert "0.parametrizations.weight.0.direction" in model.state_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), start, rtol=1e-12, atol=1e-12)
+        g = geometry(model[0])
+        g.radius[torch.tensor(flip)] *= -1
+        s = torch.where(w0 < 0, -1.0, 1.0).to(torch.float64)
+        want = model[2](g.radius * torch.relu(x * s + g.offset))
+        torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+        remove(model)
+        torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)

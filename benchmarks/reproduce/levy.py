@@ -15,12 +15,12 @@ the notebook holds nothing out, and neither do we — the test grid never steers
 The official 1-D GmP unit (``models.py``, ``DenseReparam`` with ``n_in == 1``) is
 ``r·ReLU(s·x + λ)``: the direction ``s = sign(w₀)`` is frozen (a stop-gradient), ``r = |w₀|`` from
 Glorot ``w₀ ~ U(±√(6/101)) = U(±0.244)``, ``λ = 0``, so every boundary starts at 0 (as SP's,
-whose biases start at 0) and stays at ``−s·λ`` whatever the sign of ``r``. ``georeparam`` has no
-such layer: at fan-in 1 the direction ±1 *is* the sign of ``r``, so ``register`` keeps the weight
-form ``ReLU(r·(x + λ))`` there (its report says so), in which ``r`` crossing 0 flips the unit's
-active side. The ``GmP`` row here is therefore the official unit, :class:`OfficialDense1D`, a
-few lines written from the official formula; the ``GmP-w`` row is what ``georeparam.register``
-gives a fan-in-1 layer. GmP+IMN is left out (no library layer to put IMN on).
+whose biases start at 0) and stays at ``−s·λ`` whatever the sign of ``r``. ``georeparam.register``
+gives a fan-in-1 layer in the paper's form exactly this unit (the direction ``s`` a buffer of its
+parametrization: Note [The official 1-D unit] in ``georeparam/parametrization.py``), so the
+``GmP`` row is the library's layer; the ``GmP-w`` row is the weight form ``ReLU(r·(s·x + λ))``,
+in which ``r`` crossing 0 flips the unit's active side. GmP+IMN is left out (IMN of a 1-D input
+is a constant shift of λ).
 
 The plot follows each unit's characteristic point over training (official draw, first seed).
 """
@@ -33,39 +33,20 @@ import numpy as np
 import torch
 from torch import nn
 
+import georeparam
+
 from . import common as C
 
 NAME = "levy"
 TITLE = "Levy 1-D regression (official protocol)"
 DEFAULT_SEEDS = "10"
 METHODS = ("SP", "WN", "BN", "GmP", "GmP-w")
-LABELS = dict(C.LABELS, GmP="GmP (official 1-D unit)", **{"GmP-w": "GmP (georeparam, weight form at fan-in 1)"})
+LABELS = dict(C.LABELS, GmP="GmP (paper form: the official 1-D unit)", **{"GmP-w": "GmP (georeparam, weight form at fan-in 1)"})
 
 
-class OfficialDense1D(nn.Module):
-    """``x ↦ r·ReLU(s·x + λ)`` per unit, ``s`` frozen: see Note [The official 1-D unit].
-
-    Built from a plain ``Linear(1, units)`` (``s = sign(w)``, ``r = |w|``, ``λ = b/|w|``), so it
-    computes what ``ReLU(linear(x))`` computed.
-    """
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        if linear.in_features != 1:
-            raise ValueError(f"OfficialDense1D needs a Linear with one input. Got: in_features={linear.in_features}")
-        w = linear.weight.detach()[:, 0]
-        if bool((w == 0).any()):
-            raise ValueError("OfficialDense1D: a zero weight has no direction. Got: a Linear with a zero weight")
-        self.register_buffer("direction", torch.sign(w))
-        self.radius = nn.Parameter(w.abs().clone())
-        self.offset = nn.Parameter(linear.bias.detach() / w.abs())
-
-    def forward(self, x):
-        return self.radius * torch.relu(x * self.direction + self.offset)
-
-    def points(self):
-        """Each unit's characteristic point ``−s·λ`` (its boundary, whatever the sign of ``r``)."""
-        return (-self.direction * self.offset).detach()
+def direction(model) -> torch.Tensor:
+    """The frozen directions ``s`` of the GmP row's hidden layer (Note [The official 1-D unit])."""
+    return model[0].parametrizations.weight[0].direction
 
 
 def build(method: str, seed: int) -> nn.Sequential:
@@ -73,7 +54,8 @@ def build(method: str, seed: int) -> nn.Sequential:
     if method != "GmP":
         return C.mlp(method, 1, [100], 1, seed)
     sp = C.mlp("SP", 1, [100], 1, seed)
-    return nn.Sequential(OfficialDense1D(sp[0]), sp[2])
+    georeparam.register(sp, include=["0"])  # the paper's form: r·ReLU(s·x + λ), s = sign(w₀) frozen
+    return sp
 
 
 def add_arguments(p) -> None:
@@ -107,11 +89,11 @@ def _t(a):
 
 def points_1d(model) -> np.ndarray:
     """Each hidden unit's characteristic point (``georeparam.analysis.characteristic_points``,
-    with BN's running statistics folded in; :meth:`OfficialDense1D.points`)."""
+    with BN's running statistics folded in; ``−s·λ`` for the official 1-D unit)."""
     from georeparam.analysis import characteristic_points
 
-    if isinstance(model[0], OfficialDense1D):
-        return model[0].points().numpy().copy()
+    if georeparam.is_geometric(model[0]) and getattr(model[0].parametrizations.weight[0], "direction", None) is not None:
+        return (-direction(model) * georeparam.geometry(model[0]).offset).detach().numpy().copy()
     norm = model[1] if isinstance(model[1], torch.nn.BatchNorm1d) else None
     return characteristic_points(model[0], norm=norm)[0][:, 0].numpy().copy()
 
