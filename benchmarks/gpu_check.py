@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py                       # CUDA, ≤ 8 minutes on one GPU
     python benchmarks/gpu_check.py --device cpu --quick  # toy sizes on CPU (tests run this)
+    python benchmarks/gpu_check.py --dry-run             # the same as --device cpu --quick
 
 Sections (each is timed and recorded; a failing section records its error and the rest still run):
 
@@ -13,11 +14,19 @@ Sections (each is timed and recorded; a failing section records its error and th
    ``GeometricOptimizer`` against the same run on the CPU in float64: relative error of the
    losses and of the final weights along the way.
 3. ``step_ratios``: training step GmP (exact, fast) and weight norm over standard, MLP, CNN and
-   a transformer block at realistic batch sizes (CUDA events, medians of interleaved rounds).
-4. ``map_cost``: the map's forward+backward in exact mode (float64 product) against fast mode
-   and against a float32 log-domain prefix ``exp(cumsum(log1p(−2 sin²(φ/2))))``, with each
-   one's error against float64 at fan-in 25,088: what float64 costs on this device, and what
-   the alternative would save.
+   a transformer block at realistic batch sizes (CUDA events, medians of interleaved rounds),
+   GmP by both GPU paths: the Triton kernels (``*_triton``, where triton is installed) and the
+   pure-torch recomputing map (``*_torch``); and each variant's extra peak memory of a step over
+   the standard step, in parameter bytes (``torch.cuda.max_memory_allocated``; on CPU the
+   profiler's allocator events, as benchmarks/speed.py).
+4. ``map_cost``: the map's forward+backward in exact and fast mode by both paths against weight
+   norm's and against a float32 log-domain prefix ``exp(cumsum(log1p(−2 sin²(φ/2))))``, with each
+   one's float32 error (and under bf16 autocast) against a float64 CPU evaluation of the paper's
+   formula at fan-ins up to 25,088: what float64 costs on this device, and what the alternative
+   would save.
+
+A section that would start after ``--budget`` seconds (default 480: the 8 minutes a lent device
+gives) is recorded as skipped.
 """
 
 from __future__ import annotations
@@ -43,6 +52,55 @@ try:
     from georeparam._map import scaled_unit
 except ImportError:  # an older checkout
     from georeparam._fused import scaled_unit
+try:
+    from georeparam._map import triton_impl
+except ImportError:  # a checkout without the Triton map
+    triton_impl = None
+from speed import peak_extra_bytes, param_bytes
+
+
+def paths(device: torch.device) -> List[str]:
+    """The GPU paths to time on this device: ``triton`` where it applies, and ``torch`` always."""
+    if triton_impl is not None and device.type == "cuda" and triton_impl.available():
+        return ["triton", "torch"]
+    return ["torch"]
+
+
+def on_path(path: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with the Triton map on (``triton``) or off (``torch``)."""
+
+    def run():
+        if triton_impl is None:
+            return fn()
+        was = triton_impl.set_enabled(path == "triton")
+        try:
+            return fn()
+        finally:
+            triton_impl.set_enabled(was)
+
+    return run
+
+
+def peak_extra(step: Callable[[], object], device: torch.device) -> int:
+    """Highest bytes allocated during ``step()`` above what was allocated before it."""
+    if device.type != "cuda":
+        return peak_extra_bytes(step)
+    sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def paper_rows64(radius: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
+    """The paper's formula ``r·u(φ)`` in float64 on the CPU, written here (the reference)."""
+    radius, lat = radius.detach().double().cpu(), lat.detach().double().cpu()
+    m = lat.shape[-1] - 1
+    before = torch.cat([torch.ones_like(lat[..., :1]), torch.cumprod(torch.cos(lat[..., :m]), -1)], -1)
+    th = lat[..., m:]
+    u = torch.cat([torch.sin(lat[..., :m]) * before[..., :m], before[..., m:] * torch.cos(th), before[..., m:] * torch.sin(th)], -1)
+    return radius.unsqueeze(-1) * u
 
 
 def sync(device: torch.device) -> None:
@@ -178,13 +236,14 @@ def step_ratios(device: torch.device, quick: bool) -> dict:
             None,
         ),
     }
-    res = {}
+    res = {"paths": paths(device), "triton": triton_impl.status() if triton_impl is not None else "absent"}
     for name, (make, shape, _) in cases.items():
         x = torch.randn(*shape, generator=gen).to(device)
         y = torch.randint(0, 10, (shape[0],), generator=gen).to(device)
-        steps = {}
+        steps, pbytes = {}, 0
         for kind in ("standard", "exact", "fast", "wn"):
             model = variant(make, kind).to(device)  # registered on the CPU, then moved
+            pbytes = pbytes or param_bytes(model)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
             def step(model=model, opt=opt):
@@ -192,15 +251,25 @@ def step_ratios(device: torch.device, quick: bool) -> dict:
                 nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
 
-            steps[kind] = step
+            if kind in ("exact", "fast"):
+                for path in res["paths"]:
+                    steps[f"{kind}_{path}"] = on_path(path, step)
+            else:
+                steps[kind] = step
         t = timed(steps, device, repeats, warmup)
-        res[name] = {
-            "batch": shape[0],
-            "standard_ms": statistics.median(t["standard"]) * 1e3,
-            "exact_over_standard": med_ratio(t, "exact", "standard"),
-            "fast_over_standard": med_ratio(t, "fast", "standard"),
-            "weight_norm_over_standard": med_ratio(t, "wn", "standard"),
-        }
+        row = {"batch": shape[0], "standard_ms": statistics.median(t["standard"]) * 1e3, "param_bytes": pbytes}
+        for k in steps:
+            if k != "standard":
+                row[f"{k}_over_standard"] = med_ratio(t, k, "standard")
+        extra = {k: peak_extra(f, device) for k, f in steps.items()}
+        for k in steps:
+            if k != "standard":
+                row[f"{k}_extra_peak_over_param_bytes"] = (extra[k] - extra["standard"]) / pbytes
+        # the names earlier versions wrote (the default path on this device)
+        row["exact_over_standard"] = row[f"exact_{res['paths'][0]}_over_standard"]
+        row["fast_over_standard"] = row[f"fast_{res['paths'][0]}_over_standard"]
+        row["weight_norm_over_standard"] = row["wn_over_standard"]
+        res[name] = row
     return res
 
 
@@ -240,35 +309,30 @@ def map_cost(device: torch.device, quick: bool) -> dict:
             vv, gg = v.detach().requires_grad_(), vn.detach().requires_grad_()
             torch._weight_norm(vv, gg, 0).backward(grad)
 
-        t = timed(
-            {
-                "wn": wn,
-                "exact": fb(lambda r, a: scaled_unit(r, a, "exact")),
-                "fast": fb(lambda r, a: scaled_unit(r, a, "fast")),
-                "log_domain": fb(log_domain_scaled_unit),
-            },
-            device,
-            repeats,
-            warmup,
-        )
-        ref = scaled_unit(radius.to(device), lat.to(device), "exact").double()  # float64 angles: float64 throughout
+        fns = {"wn": wn, "log_domain": fb(log_domain_scaled_unit)}
+        for path in paths(device):
+            for mode in ("exact", "fast"):
+                fns[f"{mode}_{path}"] = on_path(path, fb(lambda r, a, mode=mode: scaled_unit(r, a, mode)))
+        t = timed(fns, device, repeats, warmup)
+        ref = paper_rows64(r32, a32)  # the same float32 angles, float64 on the CPU
 
         def err(w):
-            return float(((w.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
+            return float(((w.detach().double().cpu() - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
 
+        errors, bf16 = {}, {}
         with torch.no_grad():
-            errors = {
-                "exact": err(scaled_unit(r32, a32, "exact")),
-                "fast": err(scaled_unit(r32, a32, "fast")),
-                "log_domain": err(log_domain_scaled_unit(r32, a32)),
-            }
-        res[f"{units}x{n}"] = {
-            "weight_norm_ms": statistics.median(t["wn"]) * 1e3,
-            "exact_over_weight_norm": med_ratio(t, "exact", "wn"),
-            "fast_over_weight_norm": med_ratio(t, "fast", "wn"),
-            "log_domain_over_weight_norm": med_ratio(t, "log_domain", "wn"),
-            "fp32_row_rel_err_vs_fp64": errors,
-        }
+            for path in paths(device):
+                for mode in ("exact", "fast"):
+                    key = f"{mode}_{path}"
+                    errors[key] = err(on_path(path, lambda mode=mode: scaled_unit(r32, a32, mode))())
+                    with torch.autocast(device.type, dtype=torch.bfloat16):  # the map runs in float32 inside
+                        bf16[key] = err(on_path(path, lambda mode=mode: scaled_unit(r32, a32, mode))())
+            errors["log_domain"] = err(log_domain_scaled_unit(r32, a32))
+        row = {"weight_norm_ms": statistics.median(t["wn"]) * 1e3, "fp32_row_rel_err_vs_fp64": errors, "bf16_autocast_row_rel_err_vs_fp64": bf16}
+        for k in fns:
+            if k != "wn":
+                row[f"{k}_over_weight_norm"] = med_ratio(t, k, "wn")
+        res[f"{units}x{n}"] = row
     return res
 
 
@@ -278,7 +342,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="toy sizes (seconds; what tests run on CPU)")
     p.add_argument("--out", default="gpu_check.json", help="where the JSON goes (default ./gpu_check.json)")
     p.add_argument("--only", action="append", choices=["registration", "trajectories", "step_ratios", "map_cost"])
+    p.add_argument("--dry-run", action="store_true", help="--device cpu --quick: proves the script runs, no device needed")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds after which no new section starts (default 480)")
     args = p.parse_args(argv)
+    if args.dry_run:
+        args.device, args.quick = "cpu", True
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here (use --device cpu --quick for a dry run)")
@@ -288,6 +356,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "georeparam_version": getattr(georeparam, "__version__", "?"),
         "quick": args.quick,
+        "triton": triton_impl.status() if triton_impl is not None else "absent",
         "sections": {},
     }
     sections = {"registration": registration, "trajectories": trajectories, "step_ratios": step_ratios, "map_cost": map_cost}
@@ -295,6 +364,9 @@ def main(argv=None) -> int:
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()
+        if t0 - t_all > args.budget:
+            report["sections"][name] = {"skipped": f"budget of {args.budget:.0f} s spent"}
+            continue
         try:
             out = fn(device, args.quick)
             out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -306,7 +378,7 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2, default=str)
     print(f"wrote {args.out} ({report['seconds']} s)")
-    return 0 if all("error" not in s for s in report["sections"].values()) else 1
+    return 0 if all("error" not in s and "skipped" not in s for s in report["sections"].values()) else 1
 
 
 if __name__ == "__main__":

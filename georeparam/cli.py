@@ -55,6 +55,8 @@ def info_lines() -> List[str]:
 
     import georeparam
 
+    from ._map import triton_impl
+
     status = georeparam.kernel_status()  # builds/loads the kernel once if it can; never raises
     cuda = torch.cuda.is_available()
     kernel_on = status.startswith("loaded")
@@ -65,7 +67,8 @@ def info_lines() -> List[str]:
         f"threads    {torch.get_num_threads()} (torch.get_num_threads(); OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})",
         f"kernel     {status}",
         "map        CPU float32: " + ("the compiled kernel" if kernel_on else "the pure-torch map (no kernel, see above)")
-        + "; CPU float64 and other dtypes: the pure-torch map; CUDA: the pure-torch map"
+        + "; CPU float64 and other dtypes: the pure-torch map; CUDA: "
+        + ("the Triton map (eager float32/float64), else the pure-torch map" if triton_impl.available() else "the pure-torch map (triton not importable)")
         + ("" if cuda else " (no CUDA device here)"),
     ]
     from ._map.build import KernelUnavailable, cache_dir

@@ -50,7 +50,7 @@ def test_gpu_check_runs_on_cpu_at_toy_size(tmp_path):
     out = tmp_path / "check.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, str(GPU_CHECK), "--device", "cpu", "--quick", "--out", str(out)],
+        [sys.executable, str(GPU_CHECK), "--dry-run", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -63,8 +63,12 @@ def test_gpu_check_runs_on_cpu_at_toy_size(tmp_path):
     assert set(sections) == {"registration", "trajectories", "step_ratios", "map_cost"}
     assert all("error" not in s for s in sections.values())
     assert sections["registration"]["pass"] and sections["trajectories"]["pass"]
+    assert sections["step_ratios"]["paths"] == ["torch"]  # no Triton path on the CPU
     for model in ("mlp", "cnn", "transformer"):
-        assert math.isfinite(sections["step_ratios"][model]["exact_over_standard"])
+        row = sections["step_ratios"][model]
+        assert math.isfinite(row["exact_over_standard"])
+        assert math.isfinite(row["exact_torch_extra_peak_over_param_bytes"])
     for shape in (v for v in sections["map_cost"].values() if isinstance(v, dict)):
         # the three float32 maps are all within 1e-6 of float64 (exact-mode precision)
         assert all(e <= 1e-6 for e in shape["fp32_row_rel_err_vs_fp64"].values())
+        assert all(e <= 1e-6 for e in shape["bf16_autocast_row_rel_err_vs_fp64"].values())

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import cpu, torch_impl
+from . import cpu, recompute, torch_impl, triton_impl
 from .build import kernel_status
 from .modes import check_mode, work_dtype
 
@@ -29,6 +29,10 @@ __all__ = ["BACKENDS", "Backend", "unit", "scaled_unit", "use_backend", "backend
 Backend = Tuple[str, Callable[[Tensor, Tensor], bool], Callable[[Tensor, Tensor, str], Tensor]]
 BACKENDS: List[Backend] = [
     ("cpu", cpu.applies, cpu.scaled_unit),
+    ("triton", lambda r, a: triton_impl.applies(r, a), lambda r, a, m: triton_impl.scaled_unit(r, a, m)),
+    # opt-in (use_backend("recompute")): 0.4x instead of 2.8x a step's parameter bytes of extra
+    # memory, at 1.7-2.8x the pure-torch map's CPU time (docs/speed.md), so not chosen by default
+    ("recompute", lambda r, a: _only == "recompute", recompute.scaled_unit),
 ]
 
 _only: Optional[str] = None  # set by use_backend
