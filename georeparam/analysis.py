@@ -46,13 +46,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
+from ._util import class_name
 from .api import geometry, is_geometric
 from .coords import to_cartesian
 from .selection import Selector
 from .imn import has_input_mean_norm
-from .layouts import entry_of, layout_of
+from .layouts import entry_of, layout_of, supported_names
 
 __all__ = ["characteristic_points", "angle_between", "AngularDrift", "PointsRecorder"]
 
@@ -84,20 +84,16 @@ def _analyzable(module: nn.Module) -> bool:
     return entry is not None and not entry.inside
 
 
-def _describe(module: nn.Module) -> str:
-    return parametrize.type_before_parametrizations(module).__name__
-
-
 def _check_layer(layer: nn.Module, what: str = "layer") -> None:
     if not isinstance(layer, nn.Module):
         raise TypeError(f"{what} must be an nn.Module. Got: {type(layer).__name__}")
     if not _analyzable(layer):
         raise TypeError(
-            f"{what} must be a Linear, ConvNd, ConvTransposeNd or Hugging Face Conv1D layer (or a subclass) "
-            f"whose units feed an activation. Got: {_describe(layer)}"
+            f"{what} must be a layer whose units feed an activation: {supported_names(inside=False)} "
+            f"(or a subclass). Got: {class_name(layer)}"
         )
     if isinstance(layer._parameters.get("weight", None), nn.parameter.UninitializedParameter):
-        raise ValueError(f"{what} ({_describe(layer)}) is not initialized yet (lazy module): run a forward pass first")
+        raise ValueError(f"{what} ({class_name(layer)}) is not initialized yet (lazy module): run a forward pass first")
 
 
 @torch.no_grad()
@@ -244,7 +240,7 @@ def _select_layers(model: nn.Module, layers, exclude, what: str) -> List[Tuple[s
     if inc is not None:
         for mod in inc.modules:
             if not any(mod is m for _, m in named):
-                raise ValueError(f"{what}: a module given in layers is not part of the model. Got: {_describe(mod)}")
+                raise ValueError(f"{what}: a module given in layers is not part of the model. Got: {class_name(mod)}")
     if not chosen:
         raise ValueError(f"{what}: no Linear/Conv layer selected in {type(model).__name__}. Got: layers={layers!r}, exclude={exclude!r}")
     return chosen

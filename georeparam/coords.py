@@ -40,11 +40,11 @@ A zero vector gets radius 0 and all angles 0 (the direction ``e_{n-1}``), so ``r
 exactly zero again.
 
 Precision of the map for float32 angles (relative error of each unit vector against a float64
-evaluation of the same angles, worst of 16 random directions; ``python benchmarks/speed.py
---precision``, ``docs/speed.md``): ``mode="exact"`` (default) ≤ 5e-8 at every n up to 25,088;
-``mode="fast"`` is the same with the compiled CPU kernel and otherwise stays in float32, up to
-5.6e-6 at 25,088 (:data:`georeparam._map.MODES` states each). The autograd Functions, the
-kernel and the modes live in :mod:`georeparam._map`; this module keeps the pure maps.
+evaluation of the same angles, tested up to n = 25,088 in ``tests/test_coords.py``, the measured
+values in ``docs/precision.md``): ``mode="exact"`` (default) ≤ 2e-7; ``mode="fast"`` is the same
+with the compiled CPU kernel and otherwise stays in float32, ≤ 4·√n·eps
+(:data:`georeparam._map.MODES` states each). The autograd Functions, the kernel and the modes
+live in :mod:`georeparam._map`; this module keeps the pure maps.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._map import check_mode, compute_dtype, scaled_unit, unit
+from ._map import check_mode, compute_dtype, unit
 
 __all__ = ["to_cartesian", "to_hyperspherical", "row_norms", "canonicalize", "polar_to_latitude", "latitude_to_polar"]
 
@@ -103,9 +103,9 @@ def to_cartesian(angles: Tensor, *, convention: str = "latitude", mode: str = "e
     Args:
         angles: ``(..., n-1)`` angles; an empty last dimension gives ``n = 1`` and the vector ``+1``.
         convention: ``"latitude"`` (the library's storage) or ``"polar"`` (the paper's θ).
-        mode: ``"exact"`` (the cosines' product in float64: 4.5e-8 relative in float32 at every
-            n up to 25,088) or ``"fast"`` (all float32: 5.6e-6 at n = 25,088; faster, see
-            ``docs/speed.md``).
+        mode: ``"exact"`` (the cosines' product in float64: ≤ 2e-7 relative in float32) or
+            ``"fast"`` (all float32: ≤ 4·√n·eps; faster, see ``docs/speed.md``); tested up to
+            n = 25,088, measured in ``docs/precision.md``.
 
     Returns:
         ``(..., n)`` unit vectors in the dtype of ``angles``. Differentiable (analytic backward,

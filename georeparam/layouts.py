@@ -41,7 +41,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+
+from ._util import class_name
 
 __all__ = ["Layout", "Entry", "LAYOUTS", "SUPPORTED", "layout_of", "is_supported", "entry_of", "weight_names", "supported_names",
            "input_of", "has_input"]
@@ -194,7 +195,7 @@ def layout_of(module: nn.Module, name: str = "weight", weight: Optional[Tensor] 
     """
     entry = entry_of(module)
     if entry is None:
-        raise TypeError(f"georeparam supports {supported_names()} and their subclasses. Got: {parametrize.type_before_parametrizations(module).__name__}")
+        raise TypeError(f"georeparam supports {supported_names()} and their subclasses. Got: {class_name(module)}")
     if weight is None:
         weight = getattr(module, name)
     return entry.layout(module, weight)
@@ -217,10 +218,13 @@ def input_of(module: nn.Module) -> Tuple[int, int]:
         return module.in_channels, -(len(module.kernel_size) + 1)
     raise TypeError(
         f"input_mean_norm supports nn.Linear, nn.ConvNd and nn.ConvTransposeNd (and subclasses). "
-        f"Got: {parametrize.type_before_parametrizations(module).__name__}"
+        f"Got: {class_name(module)}"
     )
 
 
-def supported_names() -> str:
-    """The supported layer types, for messages."""
-    return ", ".join(k.__name__ if isinstance(k, type) else k.rsplit(".", 1)[-1] for k in LAYOUTS)
+def supported_names(inside: bool = True) -> str:
+    """The supported layer types, for messages; ``inside=False`` leaves out those whose units do
+    not feed an activation of their own (:attr:`Entry.inside`: attention's projections)."""
+    return ", ".join(
+        k.__name__ if isinstance(k, type) else k.rsplit(".", 1)[-1] for k, e in LAYOUTS.items() if inside or not e.inside
+    )

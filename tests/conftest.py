@@ -65,6 +65,18 @@ def tol(dtype: torch.dtype) -> float:
     return {torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
 
 
+def transformers_or_skip():
+    """``transformers``, or skip the test where it is not installed."""
+    return pytest.importorskip("transformers")
+
+
+def tiny_gpt2():
+    """A one-layer GPT-2 of width 16 (needs ``transformers``), in eval mode."""
+    transformers = transformers_or_skip()
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=12, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
 @contextlib.contextmanager
 def seeded(seed: int = 0) -> Iterator[None]:
     """Run a block with torch's global RNG seeded, restoring the caller's RNG state afterwards."""

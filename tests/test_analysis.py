@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from georeparam import geometric, geometry, register
-from georeparam.analysis import AngularDrift, PointsRecorder, angle_between, characteristic_points
+from georeparam.analysis import AngularDrift, angle_between, characteristic_points
 
 F64 = torch.float64
 
@@ -322,10 +322,24 @@ def test_bad_input_is_refused():
         characteristic_points(nn.Linear(2, 2), norm=nn.BatchNorm1d(3))
 
 
+def test_the_refusal_lists_the_layer_registry(monkeypatch):
+    """The message names what georeparam.layouts.LAYOUTS holds (a layer type added there is listed
+    without touching analysis.py)."""
+    from georeparam import layouts
+
+    class Planted(nn.Module):
+        pass
+
+    monkeypatch.setitem(layouts.LAYOUTS, Planted, layouts.LAYOUTS[nn.Linear])
+    with pytest.raises(TypeError, match=r"Conv1D, Planted \(or a subclass\)\. Got: ReLU"):
+        characteristic_points(nn.ReLU())
+
+
 def test_attention_in_projection_is_refused_and_hf_conv1d_is_read_by_columns():
     mha = nn.MultiheadAttention(4, 2)
-    with pytest.raises(TypeError, match="feed an activation. Got: MultiheadAttention"):
+    with pytest.raises(TypeError, match=r"feed an activation: Linear, .*Conv1D \(or a subclass\)\. Got: MultiheadAttention") as info:
         characteristic_points(mha)
+    assert "MultiheadAttention," not in str(info.value)  # the list leaves attention out
     drift = AngularDrift(nn.TransformerEncoderLayer(4, 2, dim_feedforward=8))
     assert [t.name for t in drift._tracks] == ["self_attn.out_proj", "linear1", "linear2"]
     transformers = pytest.importorskip("transformers")

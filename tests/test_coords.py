@@ -21,7 +21,6 @@ from georeparam.coords import (
     canonical_parts,
     canonicalize,
     latitude_to_polar,
-    polar_to_latitude,
     to_cartesian,
     to_hyperspherical,
 )
@@ -243,7 +242,7 @@ def test_zero_rows_and_fan_in_one(dtype):
 
 
 def test_known_values():
-    """Hand-checked cases of the polar convention (DESIGN.md): θ_1 = 0 is the first axis, the last
+    """Hand-checked cases of the polar convention (georeparam/coords.py's module docstring): θ_1 = 0 is the first axis, the last
     angle is atan2(x_n, x_{n-1}) and keeps the sign of x_n."""
     d = torch.float64
     u = to_cartesian(torch.tensor([0.0, 0.0], dtype=d), convention="polar")
@@ -282,6 +281,22 @@ def test_unit_norm_and_paper_formula(a):
     assert uf.dtype == d
     bound = 1e-14 if d == torch.float64 else 4e-6
     assert bool((rel_err(uf, ref, dim=-1) <= bound).all())
+
+
+@pytest.mark.parametrize("n", [784, 4608, 25088])
+def test_map_error_bounds_the_docstrings_state(n):
+    """What coords.py, georeparam._map.MODES and register's docstring state for float32 angles,
+    whichever backend runs (CI runs this with GEOREPARAM_NO_FAST_PATHS too): relative error of
+    each unit row against float64 on the same angles, ``exact`` ≤ 2e-7 and ``fast`` ≤ 4·√n·eps
+    up to fan-in 25,088 (measured values: docs/precision.md)."""
+    with seeded(3):
+        x = torch.randn(16, n, dtype=torch.float64)
+    _, a = to_hyperspherical(x.float())
+    ref = to_cartesian(a.double())
+    exact = rel_err(to_cartesian(a), ref, dim=-1).max().item()
+    fast = rel_err(to_cartesian(a, mode="fast"), ref, dim=-1).max().item()
+    assert exact <= 2e-7
+    assert fast <= 4 * math.sqrt(n) * torch.finfo(torch.float32).eps
 
 
 @settings(max_examples=100)

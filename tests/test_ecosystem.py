@@ -12,7 +12,7 @@ from torch import nn
 import georeparam
 from georeparam import WeightAverage, geometry, plain_state_dict, register
 
-from conftest import rel_err
+from conftest import rel_err, tiny_gpt2, transformers_or_skip
 
 
 def conv_mlp():
@@ -164,18 +164,8 @@ def test_transformer_encoder_layer_registers_attention_and_trains():
     assert geometry(enc.self_attn, "in_proj_weight").angles.grad is not None
 
 
-def _transformers():
-    return pytest.importorskip("transformers")
-
-
-def tiny_gpt2():
-    transformers = _transformers()
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=12, bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
 def test_gpt2_conv1d_registered_tied_head_stays_tied_and_plain_save_loads(tmp_path):
-    transformers = _transformers()
+    transformers = transformers_or_skip()
     torch.manual_seed(5)
     model = tiny_gpt2()
     ids = torch.randint(0, 40, (2, 7))
@@ -204,7 +194,7 @@ def test_gpt2_conv1d_registered_tied_head_stays_tied_and_plain_save_loads(tmp_pa
 
 
 def test_llama_tied_embeddings_are_skipped_and_stay_tied():
-    transformers = _transformers()
+    transformers = transformers_or_skip()
     torch.manual_seed(6)
     cfg = transformers.LlamaConfig(
         num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
@@ -224,7 +214,7 @@ def test_llama_tied_embeddings_are_skipped_and_stay_tied():
 
 
 def test_bert_save_pretrained_plain_round_trip(tmp_path):
-    transformers = _transformers()
+    transformers = transformers_or_skip()
     torch.manual_seed(7)
     cfg = transformers.BertConfig(
         num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2, vocab_size=40,

@@ -197,7 +197,6 @@ def build(case: Case) -> Optional[Tuple[nn.Module, torch.Tensor]]:
     if isinstance(layer, nn.Linear):
         x = torch.randn(3, n, generator=g)
     else:
-        dims = len(layer.kernel_size)
         spatial = tuple(k + 1 for k in layer.kernel_size)
         x = torch.randn((2, layer.in_channels) + spatial, generator=g)
     return layer, x.to(case.dtype)

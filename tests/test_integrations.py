@@ -14,7 +14,7 @@ from torch import nn
 import georeparam
 from georeparam import geometry, plain_state_dict, register
 
-from conftest import rel_err
+from conftest import rel_err, tiny_gpt2, transformers_or_skip
 
 
 def _flip(model, every=2):
@@ -22,16 +22,6 @@ def _flip(model, every=2):
         for m in model.modules():
             if georeparam.is_geometric(m):
                 geometry(m).radius[::every] *= -1
-
-
-def _transformers():
-    return pytest.importorskip("transformers")
-
-
-def tiny_gpt2():
-    transformers = _transformers()
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=12, bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -93,7 +83,7 @@ def test_peft_on_a_registered_model_is_refused_before_anything_changes():
 
 
 def test_save_pretrained_of_a_registered_model_writes_plain_weights(tmp_path):
-    transformers = _transformers()
+    transformers = transformers_or_skip()
     torch.manual_seed(12)
     model = tiny_gpt2()
     register(model)
@@ -117,7 +107,7 @@ def test_save_pretrained_of_a_registered_model_writes_plain_weights(tmp_path):
 
 
 def test_gmp_trainer_groups_plain_save_and_bit_identical_resume(tmp_path, capsys):
-    transformers = _transformers()
+    transformers = transformers_or_skip()
     pytest.importorskip("accelerate")
     from georeparam.integrations.hf import GmPTrainer
 

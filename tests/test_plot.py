@@ -1,12 +1,9 @@
 """georeparam.plot: the figures, and matplotlib staying out of everything else."""
 
-import ast
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 from torch import nn
 
 from georeparam import register

@@ -10,7 +10,7 @@ r"""The GmP map ``(radius, latitude angles) → r·u``: the library's hot path, 
 * ``_compat.py``: every probe of torch internals, and the switch ``GEOREPARAM_NO_FAST_PATHS``.
 """
 
-from ._compat import fast_paths
+from ._compat import fast_paths, functorch_wrapped, is_plain
 from .dispatch import backend_for, kernel_status, scaled_unit, unit, use_backend
 from .modes import MODES, Mode, check_mode, compute_dtype
 
@@ -23,6 +23,8 @@ __all__ = [
     "scaled_unit",
     "kernel_status",
     "fast_paths",
+    "functorch_wrapped",
+    "is_plain",
     "use_backend",
     "backend_for",
 ]

@@ -43,15 +43,18 @@ def functorch_active() -> bool:
     return True  # cannot tell: assume a transform, take the general path
 
 
+def functorch_wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is a functorch wrapper (a vmap/grad level); ``True`` if torch cannot tell."""
+    fn = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return fn is None or bool(fn(t))
+
+
 def is_plain(*tensors: Optional[Tensor]) -> bool:
-    """Eager, and no tensor is a functorch wrapper (vmap/grad level) or a subclass other than Parameter."""
+    """Eager, and no tensor is a functorch wrapper (vmap/grad level) or a subclass other than
+    Parameter: what a fast path that reads the tensors' values or memory needs."""
     if torch.compiler.is_compiling():
         return False
-    return all(
-        t is None
-        or (type(t) in (Tensor, torch.nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t))
-        for t in tensors
-    )
+    return all(t is None or (type(t) in (Tensor, torch.nn.Parameter) and not functorch_wrapped(t)) for t in tensors)
 
 
 # Note [Calling the Function]

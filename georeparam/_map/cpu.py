@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -44,6 +42,7 @@ from torch import Tensor
 
 from . import build
 from ._compat import FAST_PATHS, apply_direct, direct_apply, exporting, functorch_active, is_plain
+from .pool import LazyPool
 from .torch_impl import unit_backward, unit_forward_traced, unit_jvp
 
 __all__ = ["applies", "scaled_unit", "ScaledUnitKernel", "kernel_dtypes", "KERNEL_DTYPES"]
@@ -76,29 +75,11 @@ def kernel_dtypes(*dtypes: torch.dtype) -> Iterator[None]:
 #   workers keep spinning for a while after it, and Python threads started right then competed
 #   with them for the two cores: the map after weight norm's took 3.7× its time, after itself 2.2×;
 # * otherwise on a small pool of Python threads (ctypes releases the GIL; the caller runs one
-#   range itself), created on first use and forgotten in a forked child.
+#   range itself), created on first use and forgotten in a forked child (Note [Pools and fork]).
 # Every split gives the same bits (rows are independent; tests/test_map_cpu.py).
 PARALLEL_MIN_ELEMENTS = 1 << 16
 USE_OPENMP = True  # tests turn it off to exercise the Python pool
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_SIZE = 0
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_SIZE
-    if _POOL is None or _POOL_SIZE < workers:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="georeparam-kernel")
-        _POOL_SIZE = workers
-    return _POOL
-
-
-def _forget_pool() -> None:
-    global _POOL, _POOL_SIZE
-    _POOL, _POOL_SIZE = None, 0
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+_POOL = LazyPool("georeparam-kernel")
 
 
 def _over_rows(lib, call, rows: int, n: int) -> None:
@@ -113,7 +94,7 @@ def _over_rows(lib, call, rows: int, n: int) -> None:
     per = -(-rows // threads)
     per += (-per) % 4  # ranges of whole multiples of four rows (any split is exact)
     bounds = [(r0, min(rows, r0 + per)) for r0 in range(0, rows, per)]
-    futures = [_pool(len(bounds) - 1).submit(call, r0, r1, 1) for r0, r1 in bounds[1:]]
+    futures = [_POOL.get(len(bounds) - 1).submit(call, r0, r1, 1) for r0, r1 in bounds[1:]]
     bad = call(*bounds[0], 1)
     bad = any([f.result() for f in futures]) or bad
     if bad:

@@ -21,8 +21,8 @@ class Mode:
     ``float64_product``: the pure-torch map evaluates the cosines and their running product in
     float64 (Note [Where float64 is needed]); otherwise in the working dtype. The compiled kernel
     computes everything in float64 in both modes.
-    ``error``: worst relative error of a float32 unit row against float64 (16 random directions,
-    ``python benchmarks/speed.py --precision``), per fan-in.
+    ``error``: the bound on the relative error of a float32 unit row against float64 that
+    ``tests/test_coords.py`` checks up to fan-in 25,088 (measured values: ``docs/precision.md``).
     """
 
     name: str
@@ -31,14 +31,8 @@ class Mode:
 
 
 MODES: Dict[str, Mode] = {
-    "exact": Mode("exact", True, "≤ 5e-8 at every fan-in up to 25,088 (kernel and pure torch)"),
-    "fast": Mode(
-        "fast",
-        False,
-        "with the compiled kernel (CPU) the same as exact; pure torch with numpy's sines: 5.8e-7 at "
-        "784, 1.4e-6 at 4,608, 5.6e-6 at 25,088 (~√n·eps/4); pure torch with torch's float32 cos "
-        "(GPU, compile, GEOREPARAM_NO_FAST_PATHS): 1.3e-6, 4.9e-6, 5.6e-5",
-    ),
+    "exact": Mode("exact", True, "≤ 2e-7 (kernel and pure torch)"),
+    "fast": Mode("fast", False, "≤ 4·√n·eps for fan-in n; with the compiled kernel (CPU) the same as exact"),
 }
 
 

@@ -11,7 +11,6 @@ shares for double backward and forward mode.
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from ._compat import FAST_PATHS, call, exporting, is_plain
 from .modes import MODES
+from .pool import LazyPool
 
 __all__ = [
     "unit",
@@ -73,27 +73,13 @@ def _numpy_ok(t: Tensor) -> bool:
 # allowed, the sines of a large block (≥ 2**18 angles: below that the hand-over costs about what
 # it saves) are computed on one helper thread while the calling thread computes the cosines'
 # product; with one torch thread nothing runs beside the caller. The helper is created on first
-# use and forgotten in a forked child (its thread is not there).
-_SINE_THREAD: Optional[ThreadPoolExecutor] = None
+# use and forgotten in a forked child (Note [Pools and fork] in ``pool.py``).
+_SINE_THREAD = LazyPool("georeparam-sin")
 SINE_THREAD_MIN_ELEMENTS = 1 << 18
 
 
 def _sine_thread() -> Optional[ThreadPoolExecutor]:
-    global _SINE_THREAD
-    if torch.get_num_threads() < 2:
-        return None
-    if _SINE_THREAD is None:
-        _SINE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="georeparam-sin")
-    return _SINE_THREAD
-
-
-def _forget_sine_thread() -> None:
-    global _SINE_THREAD
-    _SINE_THREAD = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_sine_thread)
+    return _SINE_THREAD.get(1) if torch.get_num_threads() >= 2 else None
 
 
 def _unit_block(a: Tensor, mode: str, u: Tensor, prefix: Tensor, use_numpy: bool) -> None:

@@ -1,9 +1,9 @@
-"""Issue 12, items 6 and 7: huge angles and gradients at the edges of the dtype.
+"""Huge angles and gradients at the edges of the dtype.
 
-* Item 6: ``canonicalize`` (and the optimizer wrapper, which uses the same reduction) keeps
+* Huge angles: ``canonicalize`` (and the optimizer wrapper, which uses the same reduction) keeps
   ``w = r·u`` up to one rounding of each angle at any finite size (Note [Huge angles] in
   coords.py). Reference: exact sin/cos of the exact float values in mpmath.
-* Item 7: the coordinate gradients are the true gradients rounded once to the dtype: ``inf``
+* Gradients at the edges: the coordinate gradients are the true gradients rounded once to the dtype: ``inf``
   exactly where the true value (computed here in float64 on the same coordinates) exceeds the
   dtype's range, finite and accurate everywhere else (docs/precision.md, "Gradients at the edges
   of the dtype").
@@ -45,7 +45,7 @@ def mp_rel(w1, w2):
 
 
 # -------------------------------------------------------------------------------------------------
-# item 6: huge angles
+# huge angles
 # -------------------------------------------------------------------------------------------------
 
 
@@ -100,7 +100,7 @@ def test_optimizer_wrapper_keeps_w_after_a_huge_step():
 
 
 # -------------------------------------------------------------------------------------------------
-# item 7: gradients at the edges of the dtype
+# gradients at the edges of the dtype
 # -------------------------------------------------------------------------------------------------
 
 
