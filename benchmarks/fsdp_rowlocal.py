@@ -32,7 +32,6 @@ save bytes: a unit's direction needs ``n − 1`` angles, its weight row ``n`` nu
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
@@ -53,7 +52,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import georeparam
-from georeparam.coords import _scaled_unit
+from georeparam._map import scaled_unit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +130,7 @@ def make_rowlocal(model: nn.Module, mesh) -> List[nn.Parameter]:
             new.append(p)
 
         def weight_forward(self, radius, angles, mesh=mesh):
-            rows = _scaled_unit(radius.to_local(), angles.to_local(), self.mode)  # this rank's units only
+            rows = scaled_unit(radius.to_local(), angles.to_local(), self.mode)  # this rank's units only
             self.rows_evaluated = getattr(self, "rows_evaluated", 0) + rows.shape[0]
             return self.from_units(_gather_rows(rows, mesh, self.units))
 

@@ -13,7 +13,9 @@ GmP: 1 layer registered (1 in the paper's form, 0 in the weight form), 1 skipped
 >>> optimizer = torch.optim.Adam(model.parameters(), lr=0.1)  # build it after registering
 """
 
-from .api import Geometry, geometric, geometry, is_geometric, register, remove
+from .layer import Geometry, geometric, geometry, is_geometric
+from .model import register
+from .removal import remove
 from .coords import canonicalize, to_cartesian, to_hyperspherical
 from .imn import input_mean_norm
 from .init import init_geometric_

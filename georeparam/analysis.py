@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ._util import class_name
-from .api import geometry, is_geometric
+from .layer import geometry, is_geometric
 from .coords import to_cartesian
 from .selection import Selector
 from .imn import has_input_mean_norm

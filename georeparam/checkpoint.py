@@ -8,8 +8,8 @@ angles, ``parametrizations.bias.original`` = offset) before PyTorch copies them.
 Exactness. The checkpoint's tensors are first cast to the *model's* dtype, as a plain layer's
 ``load_state_dict`` would store them (its ``copy_`` casts); the coordinates are then computed in
 float64 and rounded once to the model's dtype. The GmP layer so computes the plain layer's
-loaded weight to ≤ 1e-6 relative in float32 whatever the checkpoint's dtype (a float16 or
-bfloat16 checkpoint into a float32 model: ~1e-7, measured in ``tests/test_audit.py``), and
+loaded weight to ≤ 1e-6 relative in float32 whatever the checkpoint's dtype (tested in
+``tests/test_loads_and_casts.py``; measured values in ``docs/checkpoints.md``), and
 ``λ = b / r`` keeps the bias to one rounding.
 
 # Note [The model's dtype decides]
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .coords import to_hyperspherical
-from .parametrization import _Geometric, check_radius, check_weight_values, offset_from
+from .parametrization import GeometricWeight, check_radius, check_weight_values, offset_from
 from .signs import unit_sign
 
 __all__ = ["load_plain_entry", "record_form", "form_mismatches", "form_error", "check_forms", "check_layer_form", "FORM_KEY"]
@@ -77,7 +77,7 @@ def _check_underflow(ckpt_rows: Tensor, radius: Tensor, bias: Tensor, key: str, 
 def load_plain_entry(
     module: nn.Module,
     wname: str,
-    param: _Geometric,
+    param: GeometricWeight,
     state_dict: Dict[str, Tensor],
     prefix: str,
     missing_keys: List[str],
@@ -185,7 +185,7 @@ def record_form(module: nn.Module, destination, prefix: str, local_metadata) -> 
     ``_metadata``) loads unchecked, as before; a plain checkpoint loads into either form.
     """
     plists = getattr(module, "parametrizations", {})
-    forms = {n: _form_of(pl[0]) for n, pl in plists.items() if len(pl) and type(pl[0]).__name__ == "_Geometric"}
+    forms = {n: _form_of(pl[0]) for n, pl in plists.items() if len(pl) and type(pl[0]).__name__ == "GeometricWeight"}
     if forms:
         local_metadata[FORM_KEY] = forms
 
@@ -203,7 +203,7 @@ def form_mismatches(model: nn.Module, state_dict, prefix: str = "") -> List[str]
         if not saved:
             continue
         for wname, pl in plists.items():
-            if not len(pl) or type(pl[0]).__name__ != "_Geometric" or wname not in saved:
+            if not len(pl) or type(pl[0]).__name__ != "GeometricWeight" or wname not in saved:
                 continue
             if f"{full + '.' if full else ''}parametrizations.{wname}.original0" not in state_dict:
                 continue  # a plain entry: loads into either form
@@ -245,7 +245,7 @@ def check_layer_form(module: nn.Module, prefix: str, local_metadata) -> None:
     bad = [
         f"{prefix[:-1] or '<layer>'}.{w} (checkpoint: {_WORDS.get(saved[w], saved[w])}; model: {_WORDS[_form_of(pl[0])]})"
         for w, pl in getattr(module, "parametrizations", {}).items()
-        if len(pl) and type(pl[0]).__name__ == "_Geometric" and w in saved and saved[w] != _form_of(pl[0])
+        if len(pl) and type(pl[0]).__name__ == "GeometricWeight" and w in saved and saved[w] != _form_of(pl[0])
     ]
     if bad:
         raise form_error(f"load_state_dict into {type(module).__name__}", bad)

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .analysis import AngularDrift, PointsRecorder
-from .api import geometry, register
+from .layer import geometry
+from .model import register
 
 __all__ = ["spirals", "run_demo", "main", "DEFAULT_RUNS", "METHODS", "DESCRIPTION", "add_arguments", "run_from_args", "help_formatter"]
 

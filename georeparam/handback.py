@@ -26,7 +26,7 @@ import types
 
 from torch import nn
 
-from .api import geometric_layers
+from .layer import geometric_layers
 
 __all__ = ["install_plain_save", "is_pretrained_model"]
 

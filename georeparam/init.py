@@ -32,9 +32,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .api import describe, geometric_layers, geometry
+from ._util import class_name
+from .layer import geometric_layers, geometry
 from .coords import to_hyperspherical
-from .parametrization import _Geometric
+from .parametrization import GeometricWeight
 
 __all__ = ["init_geometric_", "SCHEMES"]
 
@@ -53,21 +54,21 @@ def _torch_fans(shape: torch.Size) -> Tuple[int, int]:
     return shape[1] * receptive, shape[0] * receptive
 
 
-def glorot_radius(param: _Geometric) -> float:
+def glorot_radius(param: GeometricWeight) -> float:
     """Root-mean-square norm of one unit under ``glorot_uniform``: ``√(2n / (fan_in + fan_out))``.
 
     Each of a unit's ``n`` weights is ``U(±a)`` with ``a² = 6 / (fan_in + fan_out)``, so
     ``E‖w‖² = n·a²/3``. This is the radius ``uniform_sphere`` uses by default.
 
-    >>> from georeparam.parametrization import _Geometric
-    >>> glorot_radius(_Geometric(torch.Size([32, 64])))   # √(2·64/96)
+    >>> from georeparam.parametrization import GeometricWeight
+    >>> glorot_radius(GeometricWeight(torch.Size([32, 64])))   # √(2·64/96)
     1.1547005383792515
     """
     fan_in, fan_out = _torch_fans(param.shape)
     return math.sqrt(2.0 * param.fan_in / (fan_in + fan_out))
 
 
-def _cartesian(scheme: str, param: _Geometric, dtype: torch.dtype, device: torch.device, generator) -> Tensor:
+def _cartesian(scheme: str, param: GeometricWeight, dtype: torch.dtype, device: torch.device, generator) -> Tensor:
     """A weight sampled by ``torch.nn.init`` in the layer's own shape, as a ``(units, fan_in)`` matrix."""
     w = torch.empty(param.shape, dtype=dtype, device=device)
     if scheme == "glorot_uniform":
@@ -77,7 +78,7 @@ def _cartesian(scheme: str, param: _Geometric, dtype: torch.dtype, device: torch
     return param.to_units(w)
 
 
-def _sphere(param: _Geometric, radius: float, dtype: torch.dtype, device: torch.device, generator) -> Tuple[Tensor, Tensor]:
+def _sphere(param: GeometricWeight, radius: float, dtype: torch.dtype, device: torch.device, generator) -> Tuple[Tensor, Tensor]:
     """Uniform directions (normalized Gaussians) with radius ``radius``: ``(radius, angles)``."""
     z = torch.randn(param.units, param.fan_in, dtype=dtype, device=device, generator=generator)
     r, angles = to_hyperspherical(z)
@@ -157,7 +158,7 @@ def init_geometric_(
     targets = geometric_layers(model_or_module)
     if not targets:
         raise ValueError(
-            f"init_geometric_: {describe(model_or_module)} has no GmP-registered layer; call "
+            f"init_geometric_: {class_name(model_or_module)} has no GmP-registered layer; call "
             f"georeparam.register (or geometric) first. Got: {type(model_or_module).__name__}"
         )
     # Note [Frozen layers]
@@ -177,7 +178,7 @@ def init_geometric_(
             )
     if not chosen:
         raise ValueError(
-            f"init_geometric_: every GmP layer of {describe(model_or_module)} is frozen (requires_grad=False), "
+            f"init_geometric_: every GmP layer of {class_name(model_or_module)} is frozen (requires_grad=False), "
             f"and frozen layers keep their values. Unfreeze the layers to re-initialise (requires_grad_(True)). "
             f"Got: {len(targets)} frozen layers"
         )

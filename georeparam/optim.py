@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .api import geometric_layers, geometry
+from .layer import geometric_layers, geometry
 from .coords import canonical_parts
 
 __all__ = ["param_groups", "GeometricOptimizer", "PARITY"]

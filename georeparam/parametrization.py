@@ -1,11 +1,11 @@
 r"""The ``torch.nn.utils.parametrize`` modules behind :func:`georeparam.geometric`.
 
-* :class:`_Geometric` (on the weight): ``(radius, angles) → W`` with one unit per output neuron,
+* :class:`GeometricWeight` (on the weight): ``(radius, angles) → W`` with one unit per output neuron,
   ``w_i = r_i · u(angles_i)`` (the weight form) or ``w_i = |r_i| · u(angles_i)`` (the paper's form,
   where ``sign(r_i)`` acts after the activation: :mod:`georeparam.signs`); stored as
   ``parametrizations.weight.original0`` (radius, one per unit, signed) and
   ``parametrizations.weight.original1`` (latitude angles, ``units × (fan_in − 1)``).
-* :class:`_GeometricBias` (on the bias): ``offset → b = r · λ`` (``|r| · λ`` in the paper's form),
+* :class:`GeometricBias` (on the bias): ``offset → b = r · λ`` (``|r| · λ`` in the paper's form),
   reading the live radius of the same layer; stored as ``parametrizations.bias.original``.
 
 Units: the ``(units, fan_in)`` view of each layer type is :mod:`georeparam.layouts`.
@@ -22,15 +22,15 @@ from typing import Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from ._map import check_mode, scaled_unit
+from ._util import class_name
 from .coords import row_norms, to_hyperspherical
 from .layouts import Layout
 from .signs import unit_sign
 
 
-class _Geometric(nn.Module):
+class GeometricWeight(nn.Module):
     """``(radius, angles) → weight`` for one layer's weight tensor.
 
     ``sign_after``: the paper's form (:mod:`georeparam.signs`): the weight is ``|r|·u`` and
@@ -49,7 +49,7 @@ class _Geometric(nn.Module):
         self.sign_after = bool(sign_after)
         if self.sign_after and self.layout.fan_in == 1:  # Note [The official 1-D unit] (set by right_inverse)
             self.register_buffer("direction", torch.ones(self.layout.units))
-        # set by api.geometric once the bias is registered; see Note [Assigning the weight]
+        # set by layer.geometric once the bias is registered; see Note [Assigning the weight]
         self._bias_name = None
         self._weight_name = None
         #: the :class:`georeparam.signs.SignHook` carrying sign(r), in the paper's form
@@ -128,7 +128,7 @@ class _Geometric(nn.Module):
         layer = getattr(self, "_layer", None)
         what = "weight"
         if layer is not None:  # an assignment (at registration the layer is not attached yet)
-            what = f"{parametrize.type_before_parametrizations(layer).__name__}.{self._weight_name}"
+            what = f"{class_name(layer)}.{self._weight_name}"
             current = layer.parametrizations[self._weight_name].original0
             _check_assigned(weight, current, what)
         if tuple(weight.shape) != tuple(self.shape):
@@ -181,7 +181,7 @@ class _Geometric(nn.Module):
         return s
 
 
-class _GeometricBias(nn.Module):
+class GeometricBias(nn.Module):
     """``offset → bias = radius · offset``, the radius read live from the layer's weight.
 
     # Note [How the bias reaches the radius]
@@ -214,7 +214,7 @@ class _GeometricBias(nn.Module):
             if not getattr(self, "_warned", False):
                 object.__setattr__(self, "_warned", True)
                 warnings.warn(
-                    f"{parametrize.type_before_parametrizations(self._layer).__name__}.{self.weight_name}: its GmP "
+                    f"{class_name(self._layer)}.{self.weight_name}: its GmP "
                     f"parametrization was removed with torch's remove_parametrizations, but the bias b = r·λ reads "
                     f"r; the bias keeps r's last value (r no longer trains). Call georeparam.remove(layer) to bake "
                     f"the bias too, or use georeparam.remove instead of torch's remover",
@@ -227,7 +227,7 @@ class _GeometricBias(nn.Module):
 
     def right_inverse(self, bias: Tensor) -> Tensor:
         radius = self._radius()
-        what = f"{parametrize.type_before_parametrizations(self._layer).__name__}.bias"
+        what = f"{class_name(self._layer)}.bias"
         _check_assigned(bias, radius, what)
         if tuple(bias.shape) != tuple(radius.shape):  # b = r·λ would broadcast silently
             raise ValueError(f"{what} must have shape {tuple(radius.shape)}, one per unit. Got: {tuple(bias.shape)}")
@@ -358,7 +358,7 @@ def install_cast_guard() -> None:
             if plists is None:
                 continue
             for name, plist in plists.items():
-                if len(plist) and isinstance(plist[0], _Geometric) and getattr(plist[0], "_layer", None) is m:
+                if len(plist) and isinstance(plist[0], GeometricWeight) and getattr(plist[0], "_layer", None) is m:
                     _check_cast(m, name, plist[0]._bias_name, fn)
         _CAST.depth += 1
         try:
@@ -381,7 +381,7 @@ def _check_cast(layer: nn.Module, weight_name: str, bias_name, fn) -> None:
     new_r = fn(radius)
     if not isinstance(new_r, Tensor) or new_r.dtype == radius.dtype or not new_r.is_floating_point():
         return
-    what = f"{parametrize.type_before_parametrizations(layer).__name__}.{weight_name}"
+    what = f"{class_name(layer)}.{weight_name}"
     r, nr = radius.to(torch.float64).cpu(), new_r.to(torch.float64).cpu()
     bad = torch.isfinite(r) & ~torch.isfinite(nr)
     kind = f"its radius r = ‖w‖ overflows {new_r.dtype} (largest {torch.finfo(new_r.dtype).max:.3g})"

@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from . import imn as _imn
 from . import signs as _signs
-from .api import geometric_layers, remove
+from .layer import geometric_layers
+from .removal import remove
 from .layouts import is_supported
 
 __all__ = ["plain_state_dict"]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from .api import is_geometric
+from .layer import is_geometric
 from .selection import is_peft_tuner_layer
 
 __all__ = ["watch_wrappers"]

@@ -115,7 +115,7 @@ def _forward_and_input_grad(layer, x, g):
 
 def _expected_units(layer, weight=None):
     """(radius, fan_in) per unit straight from the weight: rows for Linear/Conv, output channels for
-    ConvTranspose (written independently of _Geometric.to_units)."""
+    ConvTranspose (written independently of GeometricWeight.to_units)."""
     w = (layer.weight if weight is None else weight).detach()
     if isinstance(layer, nn.modules.conv._ConvTransposeNd):
         g = layer.groups

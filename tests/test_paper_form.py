@@ -230,10 +230,10 @@ def test_effective_radius_is_abs_with_tiny_zero_and_sign_gradient(dtype):
     """|r|, an exact ±0 carried as the dtype's zero carrier (√tiny rounded to a power of 2: Note [A
     carrier that survives flush-to-zero]), ∂/∂r = sign(r) with sign(±0) = +1, in the radius's own
     dtype (float64's carrier is 0 in float32: computing it there would lose it)."""
-    from georeparam.parametrization import _Geometric, zero_carrier
+    from georeparam.parametrization import GeometricWeight, zero_carrier
     from georeparam.signs import unit_sign
 
-    p = _Geometric((4, 3), sign_after=True)
+    p = GeometricWeight((4, 3), sign_after=True)
     r = torch.tensor([2.5, -3.0, 0.0, -0.0, float(torch.finfo(dtype).tiny) * 4], dtype=dtype, requires_grad=True)
     eff = p.effective_radius(r)
     eff.backward(torch.ones_like(eff))

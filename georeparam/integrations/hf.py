@@ -35,7 +35,7 @@ import transformers
 from torch import nn
 
 import georeparam
-from georeparam.api import geometric_layers
+from georeparam.layer import geometric_layers
 
 __all__ = ["GmPTrainer", "gmp_param_groups"]
 

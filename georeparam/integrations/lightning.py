@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 
 import georeparam
-from georeparam.api import geometric_layers
+from georeparam.layer import geometric_layers
 
 __all__ = ["GmPCallback"]
 
