@@ -169,3 +169,21 @@ def test_map_package_imports_form_a_dag_without_private_names(tmp_path):
     (tmp_path / "c.py").write_text("from .modes import _hidden\n")
     with pytest.raises(AssertionError, match="private"):
         check_package([tmp_path / "c.py"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_recomputing_map_is_opt_in_and_agrees_with_the_default(dtype):
+    g = torch.Generator().manual_seed(5)
+    r = (torch.rand(7, generator=g, dtype=dtype) + 0.5).requires_grad_()
+    a = torch.randn(7, 12, generator=g, dtype=dtype).requires_grad_()
+    assert backend_for(r.detach(), a.detach()) != "recompute"  # never chosen unless asked for
+    outs = {}
+    for name in ("recompute", "torch"):
+        with use_backend(name):
+            assert backend_for(r.detach(), a.detach()) == name
+            w = scaled_unit(r, a)
+            gr, ga = torch.autograd.grad((w * torch.arange(w.numel(), dtype=dtype).view_as(w)).sum(), (r, a))
+        outs[name] = (w.detach(), gr, ga)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for x, y in zip(outs["recompute"], outs["torch"]):
+        torch.testing.assert_close(x, y, **tol)
