@@ -182,6 +182,13 @@ def _remove(module: nn.Module) -> None:
     delattr(module, _ATTR)
 
 
+def drop_input_mean_norm(module: nn.Module) -> None:
+    """Take ``module``'s IMN off without folding its running mean (``register``'s rollback, before
+    any step has moved the mean)."""
+    if has_input_mean_norm(module):
+        _remove(module)
+
+
 def is_foldable(module: nn.Module) -> bool:
     """Whether folding ``module``'s IMN into its bias is exact (Note [Folding the running mean]).
 

@@ -159,6 +159,10 @@ def register(
         places = _placement.plan(model, [q for q, _ in chosen])
     else:
         places = {q: _placement.Placement("weight", why='form="weight" requested') for q, _ in chosen}
+    # Note [A rollback that covers everything]
+    # Every change register makes to the model happens inside the try: the parametrizations, the
+    # sign hooks of the paper's form and the IMN hooks. A failure in any of them (a hook that
+    # cannot be placed, an interrupt) takes all of it back, so the model is as it was.
     done = []
     try:
         for qname, m in chosen:
@@ -166,10 +170,19 @@ def register(
             done.append((m, original))
             for wname, bname in weight_names(m):
                 register_validated(m, wname, bname, mode, sign_after=places[qname].sign)
+        for qname, m in chosen:
+            place = places[qname]
+            if place.sign:
+                geometric_entry(m, "weight")[1].sign_hook = _signs.attach(modules, m, "weight", place)
+        for _, m in with_imn:
+            _imn.input_mean_norm(m)
     except BaseException:
+        for _, m in with_imn:
+            _imn.drop_input_mean_norm(m)
         for m, original in reversed(done):
             if is_geometric(m):
-                remove_one(m)
+                for hook, _ in remove_one(m):
+                    _signs.detach(hook)
             unretire(original.values())
             for n, p in original.items():
                 if p is not None:
@@ -177,12 +190,8 @@ def register(
         raise
     for qname, m in chosen:
         place = places[qname]
-        if place.sign:
-            geometric_entry(m, "weight")[1].sign_hook = _signs.attach(modules, m, "weight", place)
         where = place.where + (" (no IMN: attention or HF Conv1D)" if imn and (qname, m) not in with_imn else "")
         entries[qname] = LayerReport(qname, class_name(m), place.form, where=where, why=place.why, stays=place.stays)
-    for _, m in with_imn:
-        _imn.input_mean_norm(m)
     if not any(getattr(h, "hook", h) is check_forms for h in model._load_state_dict_pre_hooks.values()):
         model._register_load_state_dict_pre_hook(check_forms, with_module=True)  # Note [The form is part of the state]
     watch_wrappers()  # AveragedModel and PEFT around a GmP model: Note [Watching wrappers]

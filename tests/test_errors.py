@@ -205,6 +205,45 @@ def test_register_is_atomic(problem):
     assert not any(georeparam.is_geometric(m) for m in model.modules())
 
 
+
+def _hooks(model):
+    return {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._state_dict_hooks)) for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("where", ["sign", "imn"])
+def test_register_rolls_back_sign_hooks_and_imn(where, monkeypatch):
+    """A failure after the parametrizations (placing the second sign hook, or adding an IMN) takes
+    back everything register did: parametrizations, the sign hooks already placed and the IMN."""
+    from georeparam import imn as imn_mod
+    from georeparam import signs
+
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(6, 3)
+    before, snap, hooks = model(x), snapshot(model), _hooks(model)
+    calls = []
+
+    def failing(real):
+        def call(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("planted failure")
+            return real(*args, **kwargs)
+
+        return call
+
+    if where == "sign":
+        monkeypatch.setattr(signs, "attach", failing(signs.attach))
+    else:
+        monkeypatch.setattr(imn_mod, "input_mean_norm", failing(imn_mod.input_mean_norm))
+    with pytest.raises(RuntimeError, match="planted failure"):
+        georeparam.register(model, imn=(where == "imn"))
+    assert len(calls) == 2  # the first call succeeded and had to be undone
+    assert_unchanged(model, snap)
+    assert _hooks(model) == hooks
+    assert not any(imn_mod.has_input_mean_norm(m) for m in model.modules())
+    assert torch.equal(model(x), before)
+
+
 def test_register_bad_selectors():
     model = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
     expect_error(ValueError, model, lambda: georeparam.register(model, exclude=["7"]), "'7'")
