@@ -1,8 +1,16 @@
 """Regenerate the generated part of docs/results.md (and its plots) from reproduction runs.
 
-    python benchmarks/results_to_docs.py RESULTS_DIR [--docs docs]
+    python benchmarks/results_to_docs.py                      # the committed results only
+    python benchmarks/results_to_docs.py --check              # exit 1 if docs/results.md differs
+    python benchmarks/results_to_docs.py RESULTS_DIR          # also older-style run folders
 
-RESULTS_DIR holds one folder per run of ``python benchmarks/reproduce.py NAME --out
+The committed results are ``benchmarks/results/<folder>/seeds/seed_<s>.json``: one small file
+per seed of a tuned run (``benchmarks/reproduce/tuned.py``'s Note [Per-seed result files]),
+each with the command, configuration and code provenance that produced it; every folder
+becomes one section, rendered by its experiment's own summary. ``--check`` re-renders the text
+(no plots, no training) and compares it with docs/results.md.
+
+RESULTS_DIR (optional) holds one folder per run of ``python benchmarks/reproduce.py NAME --out
 RESULTS_DIR/FOLDER`` (each with NAME.md, NAME.json and plots). UCI runs are merged by condition
 (targets × monitored split): one run per method group is fine, e.g. SP,WN,BN in one folder and
 GmP in another. Everything in docs/results.md below the marker line is replaced; the hand-written
@@ -153,25 +161,85 @@ def uci_overview(merged):
             "A win: same dataset and seed, lower test RMSE than SP. p: two-sided exact sign test over all pairs (ties dropped).", ""]
 
 
+COMMITTED = Path(__file__).resolve().parent / "results"
+#: the summary that renders a committed folder, by experiment name
+COMMITTED_ORDER = ("mnist1d", "digits", "lr-sweep", "uci")
+
+
+def _committed_summary(name):
+    mod = _module(name)
+    return getattr(mod, "tuned_summary", None) or mod.summarize
+
+
+def committed_sections(root: Path, docs: Path, plots: bool = True):
+    """One section per ``root/<folder>`` holding ``seeds/seed_*.json``, in experiment order."""
+    from benchmarks.reproduce import tuned as TU
+
+    found = []
+    for folder in sorted(p for p in Path(root).glob("*") if any((p / "seeds").glob("seed_*.json"))):
+        results, seeds, meta = TU.load_seed_files(folder)
+        found.append((COMMITTED_ORDER.index(meta["name"]) if meta["name"] in COMMITTED_ORDER else 99, folder.name, results, seeds, meta))
+    out = []
+    for _, fname, results, seeds, meta in sorted(found, key=lambda t: (t[0], t[1])):
+        name, config = meta["name"], meta["config"]
+        tables, notes = _committed_summary(name)(results, seeds, config)
+        prov = "; ".join(f"commit `{p['commit'][:12]}`{' + uncommitted changes' if p['dirty'] else ''}, sources sha256 `{p['source_sha256']}`"
+                         for p in meta["provenance"])
+        out += [f"### {_module(name).TITLE} — `benchmarks/results/{fname}`", "",
+                f"Seeds {', '.join(str(s) for s in seeds)} ({len(seeds)} files); produced by {prov}; command(s):", ""]
+        out += [f"- `{c}`" for c in meta["commands"]] + [""]
+        out += [t + "\n" for t in tables] + [notes, ""]
+        if name == "lr-sweep":
+            png = f"lr_sweep_{fname}.png"
+            if plots:
+                _module(name).plot(results, config, docs / png)
+            out += [f"![lr sweep]({png})", ""]
+    return out
+
+
+def render(docs: Path, committed: Path, runs=None, plots: bool = True) -> str:
+    """The whole text of docs/results.md: the hand-written part above the marker, then the
+    committed results, then (when given) older-style run folders."""
+    doc = docs / "results.md"
+    head = doc.read_text().split(MARKER)[0].rstrip() + "\n\n" if doc.exists() else "# Reproductions\n\n"
+    parts = [MARKER, ""]
+    if committed is not None and Path(committed).is_dir():
+        parts += committed_sections(committed, docs, plots)
+    if runs is not None:
+        parts += legacy_sections(runs, docs)
+    return head + "\n".join(parts).rstrip() + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", type=Path)
+    p.add_argument("results", type=Path, nargs="?", default=None, help="older-style run folders (optional)")
     p.add_argument("--docs", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
+    p.add_argument("--committed", type=Path, default=COMMITTED, help="the per-seed result folders (default benchmarks/results)")
+    p.add_argument("--check", action="store_true", help="compare instead of writing (no plots); exit 1 on a difference")
+    p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     doc = args.docs / "results.md"
-    head = doc.read_text().split(MARKER)[0].rstrip() + "\n\n" if doc.exists() else "# Reproductions\n\n"
-    merged = merge(load_runs(args.results))
-    parts = [MARKER, ""] + uci_overview(merged)
+    text = render(args.docs, args.committed, args.results, plots=not (args.check or args.no_plots))
+    if args.check:
+        same = doc.exists() and doc.read_text() == text
+        print(f"{doc}: {'matches' if same else 'DIFFERS from'} the committed results under {args.committed}")
+        return 0 if same else 1
+    doc.write_text(text)
+    print(f"wrote {doc}")
+    return 0
+
+
+def legacy_sections(results: Path, docs: Path):
+    merged = merge(load_runs(results))
+    parts = uci_overview(merged)
     for name in ORDER:
         keys = [k for k in merged if k[0] == name]
         if name == "uci":
             order = {json.dumps(c): i for i, c in enumerate(UCI_CONDITIONS)}
             keys.sort(key=lambda k: order.get(json.dumps([merged[k]["config"]["targets"], merged[k]["config"]["monitor"]]), 99))
         for key in keys:
-            parts += section(name, merged[key], args.docs)
-    doc.write_text(head + "\n".join(parts).rstrip() + "\n")
-    print(f"wrote {doc}")
-    return 0
+            parts += section(name, merged[key], docs)
+    return parts
 
 
 if __name__ == "__main__":

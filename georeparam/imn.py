@@ -26,6 +26,19 @@ constant input, that is ``f(x) − (f(μ·1) − b)``, and the shift can be fold
   every output that would miss a tap): exact only then, otherwise IMN stays in place.
 
 A layer without bias gets one when folded (``b' = −W·μ``).
+
+# Note [The official placement]
+The official ImageNet32 ``gmp_mn`` model (``imagenet32/imagenet32.py``, ``mean_norm.py``) puts a
+``MeanOnlyBatchNormalization`` (``center=False, scale=False``: ``x − μ`` only, Keras momentum
+0.99, i.e. ``running_mean ← 0.99·running_mean + 0.01·μ``) *after* each GmP conv's output
+``r·ReLU(conv(x, u) + λ)``. Centring the output of one GmP layer is centring the input of the
+next only where nothing sits between them; the differences from ``register(imn=True)`` are:
+the network's input is not centred; centring happens before a max-pool (which does not
+commute with it); the last GmP layer's output is centred too, so the head's input (after
+pool and global average) is close to centred; and the running mean moves 10× slower.
+:func:`output_mean_norm` gives that placement: put it on the module whose output is the GmP
+unit's output (the activation after a registered layer, where the paper form's sign hook sits;
+registered *after* ``georeparam.register`` so it runs after the sign).
 """
 
 from __future__ import annotations
@@ -38,9 +51,13 @@ from torch.nn.modules.conv import _ConvNd
 
 from .layouts import input_of
 
-__all__ = ["input_mean_norm", "InputMeanNorm", "has_input_mean_norm", "fold_input_mean_norm", "is_foldable"]
+__all__ = ["input_mean_norm", "InputMeanNorm", "has_input_mean_norm", "fold_input_mean_norm", "is_foldable", "output_mean_norm",
+           "has_output_mean_norm", "OFFICIAL_MOMENTUM"]
 
 _ATTR = "imn"
+_OUT_ATTR = "omn"
+#: the official mean-only BatchNorm's running-mean momentum in PyTorch's convention (Keras 0.99)
+OFFICIAL_MOMENTUM = 0.01
 
 
 class InputMeanNorm(nn.Module):
@@ -276,3 +293,55 @@ def fold_input_mean_norm(module: nn.Module) -> bool:
             bias.copy_((bias.to(torch.float64) - shift).to(bias.dtype))
     _remove(module)
     return True
+
+
+def _omn_hook(module: nn.Module, args: Tuple, output: Tensor) -> Tensor:
+    # module-level like _imn_pre_hook: deepcopy/pickle keep it and a copy uses its own running mean
+    return getattr(module, _OUT_ATTR)(output)
+
+
+def has_output_mean_norm(module: nn.Module) -> bool:
+    """Whether ``module`` carries an output mean normalization (:func:`output_mean_norm`)."""
+    return isinstance(getattr(module, _OUT_ATTR, None), InputMeanNorm) and any(h is _omn_hook for h in module._forward_hooks.values())
+
+
+def output_mean_norm(module: nn.Module, num_features: int, *, dim: int = -1, momentum: float = OFFICIAL_MOMENTUM, dtype=None,
+                     device=None) -> nn.Module:
+    r"""Centre ``module``'s *output* per feature: the official ``gmp_mn`` placement.
+
+    Adds an :class:`InputMeanNorm` submodule ``module.omn`` (``running_mean`` in ``state_dict``)
+    and a forward hook that returns ``output − μ`` (batch mean in training, running mean in
+    evaluation). Put it on the activation after a GmP layer, after ``georeparam.register``
+    (Note [The official placement]); ``dim=-3`` for a conv's ``(N, C, H, W)`` output.
+
+    Args:
+        module: any module whose output has ``num_features`` entries along ``dim``.
+        num_features: the number of output features (channels).
+        dim: the feature dimension, negative (``-1`` for ``Linear``, ``-3`` for ``Conv2d``).
+        momentum: running-mean momentum (default :data:`OFFICIAL_MOMENTUM`, Keras' 0.99).
+        dtype, device: of ``running_mean`` (default: those of ``module``'s first parameter, else
+            PyTorch's defaults — pass the model's dtype for a parameter-free activation).
+
+    Returns:
+        ``module``.
+
+    Example:
+        >>> relu = output_mean_norm(nn.ReLU(), 2)
+        >>> relu(torch.tensor([[1.0, -1.0], [3.0, 4.0]]))
+        tensor([[-1., -2.],
+                [ 1.,  2.]])
+        >>> relu.omn.running_mean
+        tensor([0.0200, 0.0200])
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"output_mean_norm expects an nn.Module. Got: {type(module).__name__}")
+    if hasattr(module, _OUT_ATTR):
+        raise ValueError(f"output_mean_norm: {type(module).__name__} already has an attribute {_OUT_ATTR!r}. Got: {getattr(module, _OUT_ATTR)!r}")
+    _check_momentum(momentum)
+    ref = next(iter(module.parameters()), None)
+    dtype = dtype if dtype is not None else (None if ref is None else ref.dtype)
+    device = device if device is not None else (None if ref is None else ref.device)
+    norm = InputMeanNorm(num_features, dim=dim, momentum=momentum, dtype=dtype, device=device)
+    module.add_module(_OUT_ATTR, norm)
+    module.register_forward_hook(_omn_hook)
+    return module

@@ -18,6 +18,18 @@ so the layer silently keeps its old values (pytorch#180968)::
     >>> torch.equal(layer.weight, before)
     False
 
+# Note [The official draw]
+The official initializer (``models.py``, ``GlorotUniformHyperSpherical``, used by both
+``DenseReparam`` and ``Conv2DReparam``) draws a ``(n, units)`` matrix ``U(±√(6/(n + units)))``
+where ``n`` is the unit's fan-in — for a convolution ``cin·k²``, so the bound counts ``cout``
+outputs where PyTorch's Glorot counts ``cout·k²``: on VGG-6 the radii are 1.3–2.8× PyTorch's
+Glorot radii per layer. Its inverse (``utils.cartesian_to_hyperspherical``) computes the last
+angle from ``atan2(x_{n−1} + √(x_{n−1}² + x_n²), |x_n|)``: the denominator is ``|x_n|``, so
+the sign of ``x_n`` is lost and every initial direction has ``u_n ≥ 0`` (the last coordinate in
+both layouts is the same kernel tap, ``[cin−1, k−1, k−1]``). ``scheme="official"`` gives the
+first; ``sign_loss=True`` adds the second, as a labelled option (it is a defect of the
+conversion, not a design choice).
+
 # Note [Writing in place]
 :func:`init_geometric_` copies into the live Parameters (``radius``, ``angles``, ``offset``) under
 ``no_grad`` instead of assigning ``layer.weight = …``: the Parameter objects stay the same, so an
@@ -40,7 +52,7 @@ from .parametrization import GeometricWeight
 __all__ = ["init_geometric_", "SCHEMES"]
 
 #: The schemes :func:`init_geometric_` knows.
-SCHEMES = ("glorot_uniform", "kaiming_uniform", "uniform_sphere")
+SCHEMES = ("glorot_uniform", "kaiming_uniform", "uniform_sphere", "official")
 
 
 def _torch_fans(shape: torch.Size) -> Tuple[int, int]:
@@ -66,6 +78,29 @@ def glorot_radius(param: GeometricWeight) -> float:
     """
     fan_in, fan_out = _torch_fans(param.shape)
     return math.sqrt(2.0 * param.fan_in / (fan_in + fan_out))
+
+
+def official_bound(param: GeometricWeight) -> float:
+    """The official ``GlorotUniformHyperSpherical`` bound ``√(6 / (n + units))``, ``n`` a unit's fan-in.
+
+    For ``Linear`` that is Glorot's; for a convolution the official code counts ``cin·k²`` inputs
+    and ``cout`` outputs (PyTorch's Glorot: ``cout·k²`` outputs), so its weights are larger. See
+    Note [The official draw].
+
+    >>> from georeparam.parametrization import GeometricWeight
+    >>> round(official_bound(GeometricWeight(torch.Size([128, 64, 3, 3]))), 6)   # √(6/(576 + 128))
+    0.092319
+    """
+    return math.sqrt(6.0 / (param.fan_in + param.units))
+
+
+def _official(param: GeometricWeight, dtype: torch.dtype, device: torch.device, generator, sign_loss: bool) -> Tensor:
+    # drawn in the layer's own shape like torch.nn.init (for Linear: xavier_uniform_'s very values)
+    a = official_bound(param)
+    w = param.to_units(torch.empty(param.shape, dtype=dtype, device=device).uniform_(-a, a, generator=generator)).clone()
+    if sign_loss and param.fan_in >= 2:
+        w[:, -1] = w[:, -1].abs()
+    return w
 
 
 def _cartesian(scheme: str, param: GeometricWeight, dtype: torch.dtype, device: torch.device, generator) -> Tensor:
@@ -94,6 +129,7 @@ def init_geometric_(
     *,
     generator: Optional[torch.Generator] = None,
     radius: Optional[float] = None,
+    sign_loss: bool = False,
 ) -> nn.Module:
     r"""Re-initialise every GmP layer of ``model_or_module`` in place.
 
@@ -108,6 +144,12 @@ def init_geometric_(
       Gaussian), and every radius equal to ``radius`` (default: the Glorot scheme's
       root-mean-square norm :func:`glorot_radius`). For fan-in 1 the direction is a random sign,
       carried by the radius.
+    * ``"official"``: the official code's ``GlorotUniformHyperSpherical`` draw,
+      ``w ~ U(±√(6/(n + units)))`` with ``n`` a unit's fan-in (``cin·k²`` for a convolution:
+      larger than PyTorch's Glorot there, identical for ``Linear``), converted. With
+      ``sign_loss=True`` also the official conversion's loss of the sign of each unit's last
+      coordinate (every initial direction has ``u_n ≥ 0``; fan-in ≥ 2 only). See
+      Note [The official draw].
 
     Only GmP-registered layers are touched: plain layers and a bias left Cartesian
     (``geometric(..., bias=None)``) keep their values. Frozen layers (no coordinate requires
@@ -122,6 +164,7 @@ def init_geometric_(
         generator: a ``torch.Generator`` for reproducible draws (layers are drawn in
             ``modules()`` order); default: the global RNG of the parameters' device.
         radius: ``uniform_sphere`` only: a positive radius for every unit.
+        sign_loss: ``official`` only: reproduce the official inverse's ``u_n ≥ 0``.
 
     Returns:
         ``model_or_module``.
@@ -153,6 +196,10 @@ def init_geometric_(
             )
         if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not (math.isfinite(radius) and radius > 0):
             raise ValueError(f"init_geometric_: radius must be a positive finite number. Got: {radius!r}")
+    if not isinstance(sign_loss, bool):
+        raise TypeError(f"init_geometric_: sign_loss must be a bool. Got: {sign_loss!r}")
+    if sign_loss and scheme != "official":
+        raise ValueError(f"init_geometric_: sign_loss reproduces the official draw; it needs scheme='official'. Got: sign_loss=True with scheme={scheme!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"init_geometric_: generator must be a torch.Generator. Got: {type(generator).__name__}")
     targets = geometric_layers(model_or_module)
@@ -189,6 +236,8 @@ def init_geometric_(
         if scheme == "uniform_sphere":
             r_val = glorot_radius(param) if radius is None else float(radius)
             r, angles = _sphere(param, r_val, dtype, device, generator)
+        elif scheme == "official":
+            r, angles = to_hyperspherical(_official(param, dtype, device, generator, sign_loss))
         else:
             r, angles = to_hyperspherical(_cartesian(scheme, param, dtype, device, generator))
         with torch.no_grad():

@@ -313,7 +313,7 @@ def test_missing_data_skips_cleanly(tmp_path, capsys):
 
 def test_mnist1d_quick(tmp_path):
     pytest.importorskip("mnist1d")
-    assert main(["mnist1d", "--quick", "--methods", ",".join(METHODS), "--out", str(tmp_path), "--quiet"]) == 0
+    assert main(["mnist1d", "--quick", "--protocol", "fixed", "--methods", ",".join(METHODS), "--out", str(tmp_path), "--quiet"]) == 0
     _, rows = _check_table((tmp_path / "mnist1d.md").read_text(), 1, [C.LABELS[m] for m in METHODS] * 2, [3])
     assert [r[0] for r in rows] == ["mlp"] * len(METHODS) + ["cnn"] * len(METHODS)
 
@@ -347,7 +347,7 @@ def test_imagenet32_files_round_trip_and_quick_run(tmp_path):
     _check_table((tmp_path / "o" / "imagenet32.md").read_text(), 0, [C.LABELS[m] for m in methods], [2, 3])
 
 
-@pytest.mark.parametrize("name", ["common", "tables", "levy", "imagenet32"])
+@pytest.mark.parametrize("name", ["common", "tables", "levy", "imagenet32", "stats", "tuned"])
 def test_docstring_examples(name):
     import doctest
     import importlib
@@ -385,7 +385,7 @@ def test_results_to_docs_merges_runs_by_method_and_dataset(tmp_path):
     run("d", ["SP", "GmP"], ["yacht"], {"SP": 2.0, "GmP": 1.0}, dict(cfg, monitor="test"))
     (tmp_path / "docs").mkdir()
     pytest.importorskip("matplotlib")
-    assert R.main([str(tmp_path / "runs"), "--docs", str(tmp_path / "docs")]) == 0
+    assert R.main([str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--committed", str(tmp_path / "none")]) == 0
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "3/6 (p 1.000), 2 sets × 3 seeds" in text  # boston 3 wins + yacht 3 losses
     assert "3/3 (p 0.250), 1 sets × 3 seeds; the main protocol on the same pairs: 0/3 (p 0.250)" in text

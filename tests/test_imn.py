@@ -227,3 +227,74 @@ def test_foldability_rule_agrees_with_a_naive_fold(cfg, seed):
         naive.bias -= _shift(layer, mu)
     exact = rel(naive(x), centred) <= 1e-12
     assert is_foldable(layer) == exact, (c, rel(naive(x), centred))
+
+
+# ---------------------------------------------------------------------------------------------
+# the official placement (Note [The official placement]) against a port of the official gmp_mn
+# ---------------------------------------------------------------------------------------------
+
+
+def test_output_mean_norm_is_the_official_gmp_mn():
+    """A two-block GmP conv net with ``output_mean_norm`` on each GmP conv's ReLU against the
+    official ``Conv2DReparam(activation='relu')`` → ``MeanOnlyBatchNormalization()`` ported from
+    its formulas: ``r·ReLU(conv(x, u) + λ)`` with signed ``r``, then ``x − μ`` per channel (batch
+    mean over N, H, W in training; Keras' ``moving ← 0.99·moving + 0.01·μ``, used in evaluation)."""
+    from georeparam.coords import to_cartesian
+    from georeparam.imn import OFFICIAL_MOMENTUM, has_output_mean_norm, output_mean_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).double()
+    georeparam.register(model, include=["0", "3"])
+    with torch.no_grad():
+        for i in (0, 3):
+            g = georeparam.geometry(model[i])
+            g.radius[::2].mul_(-1.0)  # signed radii: the sign must come before the centring
+            g.offset.normal_(0, 0.5)
+    for i in (0, 3):
+        output_mean_norm(model[i + 1], model[i].weight.shape[0], dim=-3, dtype=torch.float64)
+    assert OFFICIAL_MOMENTUM == 0.01 and has_output_mean_norm(model[1]) and not has_output_mean_norm(model[0])
+
+    moving = {0: torch.zeros(4, dtype=F64), 3: torch.zeros(5, dtype=F64)}
+
+    def official(x, training):
+        for i in (0, 3):
+            g = georeparam.geometry(model[i])
+            u = to_cartesian(g.angles.detach()).reshape(model[i].weight.shape)
+            z = F.conv2d(x, u, padding=1) + g.offset.detach().view(1, -1, 1, 1)
+            y = g.radius.detach().view(1, -1, 1, 1) * torch.relu(z)
+            if training:
+                mu = y.mean(dim=(0, 2, 3))
+                moving[i] = moving[i] * 0.99 + mu.detach() * 0.01
+            else:
+                mu = moving[i]
+            x = F.max_pool2d(y - mu.view(1, -1, 1, 1), 2)
+        return F.linear(x.mean(dim=(2, 3)), model[8].weight.detach(), model[8].bias.detach())
+
+    for step in range(3):
+        x = (torch.randn(6, 3, 8, 8, dtype=F64) + step).requires_grad_(True)
+        xr = x.detach().clone().requires_grad_(True)
+        out, ref = model.train()(x), official(xr, True)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        torch.testing.assert_close(x.grad, xr.grad, rtol=1e-9, atol=1e-12)  # the gradient flows through the batch mean
+    torch.testing.assert_close(model[1].omn.running_mean, moving[0], rtol=1e-12, atol=1e-14)
+    x = torch.randn(4, 3, 8, 8, dtype=F64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), official(x, False), rtol=1e-10, atol=1e-12)
+    assert "1.omn.running_mean" in model.state_dict()
+
+
+def test_output_mean_norm_refuses_bad_arguments():
+    from georeparam.imn import output_mean_norm
+
+    relu = nn.ReLU()
+    with pytest.raises(ValueError, match="momentum"):
+        output_mean_norm(relu, 3, momentum=0.0)
+    assert not hasattr(relu, "omn") and not relu._forward_hooks
+    output_mean_norm(relu, 3)
+    with pytest.raises(ValueError, match="already has"):
+        output_mean_norm(relu, 3)
+    with pytest.raises(ValueError, match="expected 3 features"):
+        relu(torch.randn(2, 4))

@@ -261,3 +261,74 @@ def test_cartesian_bias_left_alone():
     bias = layer.bias.detach().clone()
     init_geometric_(layer, generator=gen(0))
     assert torch.equal(layer.bias, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# the official draw (Note [The official draw]) against a port of the official code
+# ---------------------------------------------------------------------------------------------
+
+
+def official_cartesian_to_hyperspherical(x: torch.Tensor):
+    """``utils.cartesian_to_hyperspherical`` of the official code, ported line by line
+    (columns are units: ``x`` is ``(n, units)``)."""
+    numerator = x[:-1, :].clone()
+    correction = torch.sqrt((x[-2:, :] ** 2).sum(0, keepdim=True))
+    numerator[-1:, :] = numerator[-1:, :] + correction
+    denominator = torch.sqrt(torch.flip(torch.cumsum(torch.flip(x[1:, :] ** 2, [0]), 0), [0]))
+    angles = math.pi / 2.0 - torch.atan2(numerator, denominator)
+    angles[-1:, :] = 2.0 * angles[-1:, :]
+    return angles, x.norm(dim=0, keepdim=True)
+
+
+def official_hyperspherical_to_cartesian(angles: torch.Tensor, radius):
+    """``utils.hyperspherical_to_cartesian`` of the official code, ported line by line."""
+    aug = torch.cat([torch.zeros(1, angles.shape[-1], dtype=angles.dtype), angles], 0)
+    cos = torch.roll(torch.cos(aug), -1, 0)
+    sin = torch.sin(aug)
+    sin[0] = 1.0
+    return radius * torch.cumprod(sin, 0) * cos
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(7, 5), lambda: nn.Conv2d(3, 6, 3), lambda: nn.Conv1d(4, 8, 5)])
+@pytest.mark.parametrize("sign_loss", [False, True])
+def test_official_scheme_is_the_official_draw(make, sign_loss):
+    plain = make().double()
+    n, units = plain.weight[0].numel(), plain.weight.shape[0]
+    a = math.sqrt(6.0 / (n + units))  # GlorotUniformHyperSpherical: n_in = the unit's fan-in, n_out = units
+    w = torch.empty_like(plain.weight).uniform_(-a, a, generator=gen(11)).reshape(units, n)
+    if sign_loss:  # the official inverse and forward map, ported: the round trip loses the last coordinate's sign
+        angles, radius = official_cartesian_to_hyperspherical(w.T.clone())
+        w = official_hyperspherical_to_cartesian(angles, radius).T
+    layer = georeparam.geometric(make().double())
+    init_geometric_(layer, "official", generator=gen(11), sign_loss=sign_loss)
+    got = layer.weight.detach().reshape(units, n)
+    torch.testing.assert_close(got, w, rtol=1e-12, atol=1e-12)
+    if sign_loss:
+        assert bool((got[:, -1] >= 0).all()) and bool((got[:, :-1] < 0).any())
+    else:
+        assert bool((got[:, -1] < 0).any())
+
+
+def test_official_scheme_on_linear_is_glorot_and_on_conv_larger():
+    lin = georeparam.geometric(nn.Linear(30, 20).double())
+    ref = georeparam.geometric(nn.Linear(30, 20).double())
+    init_geometric_(lin, "official", generator=gen(2))
+    init_geometric_(ref, "glorot_uniform", generator=gen(2))
+    torch.testing.assert_close(lin.weight, ref.weight, rtol=0, atol=0)
+    conv = georeparam.geometric(nn.Conv2d(64, 128, 3).double())
+    glo = georeparam.geometric(nn.Conv2d(64, 128, 3).double())
+    init_geometric_(conv, "official", generator=gen(3))
+    init_geometric_(glo, "glorot_uniform", generator=gen(3))
+    ratio = (conv.weight.detach().norm() / glo.weight.detach().norm()).item()
+    # same uniform numbers, bounds √(6/(576+128)) vs √(6/(576+1152)): ratio √(1728/704) = 1.567
+    assert ratio == pytest.approx(math.sqrt(1728 / 704), rel=1e-12)
+
+
+def test_sign_loss_is_refused_outside_the_official_scheme():
+    layer = georeparam.geometric(nn.Linear(3, 2))
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="scheme='official'"):
+        init_geometric_(layer, "glorot_uniform", sign_loss=True)
+    with pytest.raises(TypeError, match="sign_loss must be a bool"):
+        init_geometric_(layer, "official", sign_loss=1)
+    assert torch.equal(layer.weight, before)

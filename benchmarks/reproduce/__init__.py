@@ -1,7 +1,11 @@
 r"""The paper's experiments as its official code runs them: ``python benchmarks/reproduce.py NAME``.
 
-Names: ``uci``, ``banana``, ``levy`` (the paper's), ``mnist1d`` and ``lr-sweep`` (external checks,
-not in the paper), ``imagenet32`` (GPU scale; ``--synthetic`` for a CPU smoke run). Each shows
+Names: ``uci``, ``banana``, ``levy`` (the paper's), ``mnist1d``, ``digits`` and ``lr-sweep``
+(external checks, not in the paper), ``imagenet32`` (GPU scale; ``--synthetic`` for a CPU run,
+``--smoke`` for a one-epoch device check). ``mnist1d`` and ``digits`` tune the learning rate per
+method on validation by default (``--protocol tuned``; ``uci --protocol tuned``), see
+``tuned.py``'s Note [Which learning rate is compared]; ``levy --lr X`` runs every method at one
+learning rate (a matched-lr control). Each shows
 tqdm progress on stderr and writes ``NAME.md`` (tables, protocol, command and wall time),
 ``NAME.json`` (every run) and PNG plots to ``--out`` (default ``results/NAME``). ``--quick`` is a
 smoke run (its numbers mean nothing). Experiments whose data are absent say why and exit 0.
@@ -14,6 +18,8 @@ Note [Validation, never the test set].
     python benchmarks/reproduce.py uci --targets standardized --methods SP,GmP
     python benchmarks/reproduce.py banana --monitor test          # the notebook's own choice
     python benchmarks/reproduce.py imagenet32 --data-dir DIR --device cuda
+    python benchmarks/reproduce.py mnist1d --models mlp --seeds 5 --out benchmarks/results/mnist1d-mlp
+    python benchmarks/reproduce.py uci --protocol tuned --lrs 0.01,0.1 --out benchmarks/results/uci-matched
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from typing import List, Optional
 __all__ = ["main", "EXPERIMENTS"]
 
 #: name → module (imported lazily)
-EXPERIMENTS = {"uci": "uci", "banana": "banana", "levy": "levy", "mnist1d": "mnist1d", "lr-sweep": "lr_sweep", "imagenet32": "imagenet32"}
+EXPERIMENTS = {"uci": "uci", "banana": "banana", "levy": "levy", "mnist1d": "mnist1d", "digits": "digits", "lr-sweep": "lr_sweep",
+               "imagenet32": "imagenet32"}
 
 
 def _module(name: str):
@@ -71,6 +78,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    command = "python benchmarks/reproduce.py " + " ".join(shlex.quote(a) for a in argv)
+    args.command = command
     start = time.time()
     try:
         report = mod.run(args)
@@ -80,7 +89,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         torch.set_num_threads(threads)
     seconds = time.time() - start
-    command = "python benchmarks/reproduce.py " + " ".join(shlex.quote(a) for a in argv)
     text = [f"## {mod.TITLE}", "", f"Command: `{command}` ({seconds / 60:.1f} min wall, {args.threads} thread(s))", ""]
     if args.quick:
         text += ["**Quick smoke run — not the paper's protocol; do not quote these numbers.**", ""]

@@ -379,6 +379,7 @@ def fit(
     seed: int = 0,
     batch_fn: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]] = None,
     on_epoch: Optional[Callable[[int, nn.Module], None]] = None,
+    on_step: Optional[Callable[[nn.Module], None]] = None,
     progress=None,
 ) -> FitResult:
     """Train ``model`` on two in-memory tensors as ``keras.Model.fit`` with the two callbacks does.
@@ -388,7 +389,8 @@ def fit(
     gives the epoch's monitored value; it runs in eval mode without gradients (``None``: the
     training loss, as ``monitor='loss'``). ``batch_fn`` maps a raw batch to the model's input
     (e.g. uint8 images → floats with augmentation). ``on_epoch(epoch, model)`` observes (eval
-    mode, no gradients) and never steers training. A non-finite training loss ends the run: with
+    mode, no gradients) and never steers training; ``on_step(model)`` likewise after every
+    optimizer step (no gradients, the model stays in training mode). A non-finite training loss ends the run: with
     early stopping on, Keras would restore the best weights once ``patience`` NaN epochs have
     passed, which is what happens here at once; without it the run is marked and stops.
     """
@@ -419,6 +421,9 @@ def fit(
             loss.backward()
             opt.step()
             res.steps += 1
+            if on_step is not None:
+                with torch.no_grad():
+                    on_step(model)
             lv = float(loss.detach())
             total += lv * xb.shape[0]
             count += xb.shape[0]

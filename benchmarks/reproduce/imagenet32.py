@@ -2,12 +2,33 @@ r"""ImageNet32 with VGG-6 as ``imagenet32/imagenet32.py`` runs it (GPU scale).
 
 Model (the official ``build_model``): random horizontal flip; conv3×3 128-128, max-pool,
 256-256, max-pool, 512-512, max-pool (``padding='SAME'``, ReLU), global average pooling, a linear
-layer to 1,000 classes; Keras' initial values (Glorot weights, zero biases). BN puts
-``BatchNormalization`` between each conv and its ReLU; WN is on every conv and the last layer;
-GmP on every conv (the last layer stays standard); GmP+IMN adds input mean normalization to
-every GmP layer (``register(imn=True)``; the official ``gmp_mn`` puts a mean-only BatchNorm
-after each GmP conv instead, i.e. it also centres the last layer's input and centres before the
-max-pool).
+layer to 1,000 classes. BN puts ``BatchNormalization`` between each conv and its ReLU; WN is on
+every conv and the last layer; GmP on every conv (the last layer stays standard).
+
+``--recipe official`` (default) is the official code's recipe:
+
+* GmP convs start from the official draw, ``init_geometric_(..., "official", sign_loss=True)``:
+  fans ``cin·k² + cout`` (radii 1.3–2.8× PyTorch's Glorot per layer) and ``u_n ≥ 0`` (the
+  official inverse's sign loss); WN convs from the same bound (``GlorotUniformHyperWN``); SP
+  and BN convs, every Linear and every bias as Keras' ``Conv2D``/``Dense`` (Glorot, zeros);
+* GmP+IMN is the official ``gmp_mn``: a mean-only normalization after each GmP conv's output
+  (``georeparam.imn.output_mean_norm`` on its ReLU, before the max-pool, running-mean momentum
+  0.01 = Keras' 0.99) — ``imn.py``'s Note [The official placement].
+
+``--recipe library`` is this library's defaults instead: GmP from PyTorch's Glorot draw
+(``"glorot_uniform"``, fans ``cin·k²``/``cout·k²``, signs kept), WN from the same draw, IMN
+centring each GmP layer's *input* (``register(imn=True)``, momentum 0.1). Where the default still
+differs from the official script: float32 weights in PyTorch's NCHW layout; PyTorch's SGD
+momentum form (equal to Keras' until the first plateau decay); training images held out for
+monitoring (``--monitor val``; the official script monitors ImageNet32's validation split, its
+test split too).
+
+``--smoke`` (sized for ≤ 10 minutes on one H200-class GPU): every method for **one epoch on the
+first 256,000 training images** (20 % of ImageNet32; synthetic images of that count without
+``--data-dir``), full width, batch 256, 10,000 test images. It measures that each recipe runs
+end to end on the device, and its throughput (training images per second, in the table), from
+which the notes estimate the full grid's cost; its accuracies after a fifth of an epoch mean
+nothing.
 
 Training (the official): inputs ``x/255 − mean`` (no std division), SGD momentum 0.9,
 lr 0.1 (GmP, GmP+IMN) / 0.01 (others), cross-entropy, ≤ 500 epochs,
@@ -32,6 +53,9 @@ import numpy as np
 import torch
 from torch import nn
 
+import georeparam
+from georeparam.imn import OFFICIAL_MOMENTUM, output_mean_norm
+
 from . import common as C
 
 NAME = "imagenet32"
@@ -53,10 +77,13 @@ def add_arguments(p) -> None:
     p.add_argument("--amp", choices=["bf16", "off"], default="off", help="bfloat16 autocast for the forward pass (CUDA)")
     p.add_argument("--synthetic", action="store_true", help="generated images instead of ImageNet32 files")
     p.add_argument("--num-classes", type=int, default=None, help="default 1000 (synthetic quick: 10)")
+    p.add_argument("--recipe", choices=["official", "library"], default="official", help="official (default): the official init and IMN placement")
+    p.add_argument("--smoke", action="store_true", help="one epoch on 256,000 training images per method (≤ 10 min on one H200): throughput")
 
 
-def vgg6(method: str, seed: int, *, width: float = 1.0, num_classes: int = 1000) -> nn.Sequential:
-    """VGG-6 for 32×32 inputs, Keras' initial values, then ``method``.
+def vgg6(method: str, seed: int, *, width: float = 1.0, num_classes: int = 1000, recipe: str = "official") -> nn.Sequential:
+    """VGG-6 for 32×32 inputs, Keras' initial values, then ``method`` under ``recipe`` (see the
+    module docstring: ``official`` or ``library``).
 
     >>> vgg6("SP", 0, width=1 / 16, num_classes=10)(torch.zeros(2, 3, 32, 32)).shape
     torch.Size([2, 10])
@@ -74,7 +101,35 @@ def vgg6(method: str, seed: int, *, width: float = 1.0, num_classes: int = 1000)
             layers.append(nn.MaxPool2d(2))
         c_in = c
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), C.glorot_(nn.Linear(c_in, num_classes), g)]
-    return C.apply_method(nn.Sequential(*layers), method, hidden, str(len(layers) - 1), seed)
+    if recipe not in ("official", "library"):
+        raise ValueError(f"vgg6: recipe must be 'official' or 'library'. Got: {recipe!r}")
+    model = nn.Sequential(*layers)
+    if recipe == "library":
+        return C.apply_method(model, method, hidden, str(len(layers) - 1), seed)
+    return official_method(model, method, hidden, str(len(layers) - 1), seed)
+
+
+def official_method(model: nn.Sequential, method: str, hidden, output: str, seed: int) -> nn.Sequential:
+    """``method`` as the official ImageNet32 script builds it (module docstring, ``--recipe official``)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    if method == "WN":
+        with torch.no_grad():
+            for name in hidden:  # GlorotUniformHyperWN: the bound of a unit's fan-in cin·k² and cout outputs
+                conv = model.get_submodule(name)
+                a = (6.0 / (conv.weight[0].numel() + conv.weight.shape[0])) ** 0.5
+                conv.weight.uniform_(-a, a, generator=g)
+        return C.apply_method(model, "WN", hidden, output, seed)
+    if not method.startswith("GmP"):
+        return C.apply_method(model, method, hidden, output, seed)
+    if method == "GmP-w":
+        raise ValueError("imagenet32: the official recipe has no weight-form GmP. Got: method 'GmP-w' (use --recipe library)")
+    georeparam.register(model, include=list(hidden), form="paper")
+    georeparam.init_geometric_(model, "official", generator=g, sign_loss=True)
+    if method == "GmP+IMN":
+        for name in hidden:  # the official gmp_mn: centre each GmP conv's output r·ReLU(...), on its ReLU, after the sign hook
+            relu = model[int(name) + 1]
+            output_mean_norm(relu, model.get_submodule(name).weight.shape[0], dim=-3, momentum=OFFICIAL_MOMENTUM, dtype=model[int(name)].weight.dtype)
+    return model
 
 
 class Autocast(nn.Module):
@@ -161,7 +216,8 @@ def topk(model, x_u8, y, device, batch: int = 1000):
     return c1 / len(x_u8), c5 / len(x_u8)
 
 
-def train_one(data, method: str, seed: int, *, epochs, batch_size, width, num_classes, monitor, val_size, device, amp, progress=None) -> dict:
+def train_one(data, method: str, seed: int, *, epochs, batch_size, width, num_classes, monitor, val_size, device, amp, progress=None,
+              recipe: str = "official") -> dict:
     x, y, x_test, y_test = data
     if monitor == "val":
         fit_idx, mon_idx = C.carve_validation(np.arange(len(x)), val_size / len(x), seed)
@@ -169,7 +225,7 @@ def train_one(data, method: str, seed: int, *, epochs, batch_size, width, num_cl
     else:
         fit_idx, mon = np.arange(len(x)), (torch.from_numpy(x_test), torch.from_numpy(y_test))
     fit = (torch.from_numpy(x[fit_idx]), torch.from_numpy(y[fit_idx]))
-    model = vgg6(method, seed, width=width, num_classes=num_classes).to(device)
+    model = vgg6(method, seed, width=width, num_classes=num_classes, recipe=recipe).to(device)
     net = Autocast(model) if amp else model
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     flip_gen = torch.Generator(device=device).manual_seed(seed)
@@ -191,13 +247,18 @@ def train_one(data, method: str, seed: int, *, epochs, batch_size, width, num_cl
     res = C.fit(net, fit, loss_fn=nn.functional.cross_entropy, cfg=cfg, seed=seed, monitor=monitored, batch_fn=batch_fn, progress=progress)
     with torch.no_grad():
         test1, test5 = topk(net.eval(), torch.from_numpy(x_test), torch.from_numpy(y_test), device)
+    seconds = time.time() - t0
     return dict(seed=seed, test_top1=test1, test_top5=test5, monitored_top5=res.best_monitored, epochs=res.epochs, steps=res.steps,
-                nonfinite=res.nonfinite, seconds=time.time() - t0, history=history)
+                nonfinite=res.nonfinite, seconds=seconds, images_per_s=len(fit_idx) * res.epochs / max(seconds, 1e-9), history=history)
 
 
 def run(args) -> dict:
     device = torch.device(args.device)
     q = args.quick
+    if args.smoke and not q:
+        args.epochs = args.epochs or 1
+        args.max_train = args.max_train or 256_000
+        args.max_test = args.max_test or 10_000
     epochs = args.epochs or (1 if q else 500)
     batch_size = args.batch_size or (32 if q else 256)
     width = args.width or (1 / 16 if q else 1.0)
@@ -220,17 +281,40 @@ def run(args) -> dict:
         for seed in args.seeds:
             bar.set_description(f"imagenet32 {method} seed {seed}", refresh=False)
             results[method].append(train_one(data, method, seed, epochs=epochs, batch_size=batch_size, width=width, num_classes=num_classes,
-                                             monitor=args.monitor, val_size=val_size, device=device, amp=args.amp == "bf16", progress=bar))
+                                             monitor=args.monitor, val_size=val_size, device=device, amp=args.amp == "bf16", progress=bar,
+                                             recipe=args.recipe))
             bar.update(1)
     bar.close()
     rows = [[C.LABELS[m], f"{C.paper_lr(m):g}", C.fmt_mean_std([d["test_top1"] for d in r], 4), C.fmt_mean_std([d["test_top5"] for d in r], 4),
-             f"{np.mean([d['epochs'] for d in r]):.0f}", f"{np.mean([d['seconds'] for d in r]) / 60:.1f}"] for m, r in results.items()]
+             f"{np.mean([d['epochs'] for d in r]):.0f}", f"{np.mean([d['seconds'] for d in r]) / 60:.1f}",
+             f"{np.mean([d['images_per_s'] for d in r]):.0f}"] for m, r in results.items()]
     files = [] if args.no_plots else [plot(results, Path(args.out) / "imagenet32_top5.png")]
     notes = (f"{'Synthetic data' if args.synthetic else 'ImageNet32'}: {len(data[0])} training images ({val_size if args.monitor == 'val' else 0} held out for monitoring), "
              f"{len(data[2])} test images; monitored: {'held-out training images' if args.monitor == 'val' else 'the test split (official)'}; "
-             f"VGG-6 width ×{width:g}, batch {batch_size}, ≤{epochs} epochs, SGD momentum 0.9, amp {args.amp}, device {device}.")
-    return dict(table=C.markdown_table(["method", "lr", "test top-1", "test top-5", "epochs", "minutes"], rows), notes=notes, files=files, results=results,
-                config=dict(epochs=epochs, batch_size=batch_size, width=width, monitor=args.monitor, amp=args.amp))
+             f"VGG-6 width ×{width:g}, batch {batch_size}, ≤{epochs} epochs, SGD momentum 0.9, amp {args.amp}, device {device}, recipe {args.recipe}. "
+             + grid_cost(results, width))
+    return dict(table=C.markdown_table(["method", "lr", "test top-1", "test top-5", "epochs", "minutes", "train images / s"], rows), notes=notes,
+                files=files, results=results,
+                config=dict(epochs=epochs, batch_size=batch_size, width=width, monitor=args.monitor, amp=args.amp, recipe=args.recipe))
+
+
+#: ImageNet32's training set, and the epochs an official run takes before early stopping
+#: (patience 10 on top-5 after plateau decays; an estimate, not measured here)
+N_TRAIN, EPOCH_RANGE = 1_281_167, (30, 60)
+
+
+def grid_cost(results, width: float) -> str:
+    """The full grid's cost at the measured throughput: every method × 3 batch sizes × 1 seed,
+    each run ``EPOCH_RANGE`` epochs of ImageNet32 (plus nothing for evaluation)."""
+    if width != 1.0:
+        return "(Full-grid cost: measured only at full width.)"
+    per = {m: N_TRAIN / float(np.mean([d["images_per_s"] for d in r])) / 3600.0 for m, r in results.items()}
+    lo, hi = EPOCH_RANGE
+    total = sum(per.values()) * 3
+    return ("Full-grid cost at this throughput: one epoch of ImageNet32 takes "
+            + ", ".join(f"{m} {h * 60:.1f} min" for m, h in per.items())
+            + f"; a run of {lo}–{hi} epochs {min(per.values()) * lo:.1f}–{max(per.values()) * hi:.1f} h; every method × 3 batch sizes × 1 seed "
+            f"{total * lo:.0f}–{total * hi:.0f} h on this device.")
 
 
 def plot(results, path: Path) -> Path:

@@ -61,6 +61,7 @@ def build(method: str, seed: int) -> nn.Sequential:
 def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default 10000; quick 100)")
     p.add_argument("--draw", choices=["official", "per-seed", "both"], default="both", help="which 50-point data draws (default both)")
+    p.add_argument("--lr", type=float, default=None, help="every method at this learning rate (a matched-lr control; default: the paper's rule)")
     p.add_argument("--record-every", type=int, default=10, help="epochs between recorded characteristic points (plot)")
 
 
@@ -110,7 +111,8 @@ def run(args) -> dict:
             x, y, grid, truth = make_data(0 if draw == "official" else seed)
             for method in methods:
                 model = build(method, seed)
-                cfg = C.FitConfig(lr=C.paper_lr(method), epochs=epochs, batch_size=None, mode="min", patience=1000, plateau_patience=500)
+                lr = C.paper_lr(method) if args.lr is None else args.lr
+                cfg = C.FitConfig(lr=lr, epochs=epochs, batch_size=None, mode="min", patience=1000, plateau_patience=500)
                 track = []
                 on_epoch = None
                 if draw == draws[0] and seed == seeds[0]:
@@ -130,7 +132,7 @@ def run(args) -> dict:
                 bar.update(1)
     bar.close()
 
-    config = dict(epochs=epochs, draws=draws)
+    config = dict(epochs=epochs, draws=draws, **({} if args.lr is None else {"lr": args.lr}))
     tables, notes = summarize(results, seeds, config)
     files = []
     if not args.no_plots:
@@ -150,7 +152,7 @@ def summarize(results, seeds, config):
         for m in methods:
             rm = [r["rmse"] for r in results[draw][m]]
             wins = C.wins_cell(rm, [r["rmse"] for r in results[draw]["SP"]]) if m != "SP" and "SP" in methods else "—"
-            rows.append([LABELS[m], f"{C.paper_lr(m):g}", C.fmt_mean_std(rm, 3), C.fmt_mean_std([r["train_mae"] for r in results[draw][m]], 3), wins,
+            rows.append([LABELS[m], f"{config.get('lr', C.paper_lr(m)):g}", C.fmt_mean_std(rm, 3), C.fmt_mean_std([r["train_mae"] for r in results[draw][m]], 3), wins,
                          f"{np.mean([r['epochs'] for r in results[draw][m]]):.0f}"])
         what = "the official draw (data seed 0; seeds vary only the initial weights)" if draw == "official" else "a new 50-point draw per seed"
         tables.append(f"{'Official draw' if draw == 'official' else 'Per-seed draws'} — {what}:\n\n" + C.markdown_table(header, rows))

@@ -10,9 +10,13 @@ draw with ``λ = 0``), float64:
 * ``cnn``: the package's small 1-D CNN — three Conv1d layers of 25 channels (kernels 5, 3, 3,
   stride 2, padding 1) with ReLU, flatten, a linear layer to 10 classes.
 
-Cross-entropy, batch 100, ≤ 200 epochs, Adam (lr 0.1 GmP / 0.01 others, ε 1e-7);
-``ReduceLROnPlateau(×0.1, patience 15)`` and ``EarlyStopping(patience 30)`` on validation
-accuracy. Reported: test accuracy, paired wins against SP.
+Cross-entropy, batch 100, ≤ 200 epochs, Adam (ε 1e-7); ``ReduceLROnPlateau(×0.1, patience 15)``
+and ``EarlyStopping(patience 30)`` on validation accuracy.
+
+``--protocol tuned`` (default): every method at every learning rate of ``--lrs`` (default
+1e-3 … 0.3), the learning rate chosen per method on validation accuracy, reported beside the
+paper's rule and matched learning rates (``tuned.py``'s Note [Which learning rate is compared]),
+one JSON per seed. ``--protocol fixed``: the paper's rule only (lr 0.1 GmP / 0.01 others).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from . import common as C
+from . import tuned as TU
 
 NAME = "mnist1d"
 TITLE = "MNIST-1D classification (external check, not in the paper)"
@@ -34,6 +39,12 @@ MODELS = ("mlp", "cnn")
 def add_arguments(p) -> None:
     p.add_argument("--models", default=",".join(MODELS), help="mlp,cnn")
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default 200; quick 3)")
+    add_protocol_arguments(p)
+
+
+def add_protocol_arguments(p) -> None:
+    p.add_argument("--protocol", choices=["tuned", "fixed"], default="tuned", help="tuned (default): a learning-rate grid per method; fixed: the paper's rule")
+    p.add_argument("--lrs", default=None, help="tuned: comma-separated grid (default 0.001,0.003,0.01,0.03,0.1,0.3; quick 0.01,0.1)")
 
 
 def load_mnist1d(quick: bool = False):
@@ -86,13 +97,16 @@ def make_split(data, seed: int, val_fraction: float = 0.1):
     return t(x[fit_idx], y[fit_idx]), t(x[val_idx], y[val_idx]), t(xt, yt)
 
 
-def train_one(data, model_name: str, method: str, seed: int, *, lr=None, epochs: int = 200, schedule: bool = True, progress=None) -> dict:
-    """One run; ``schedule=False``: constant learning rate, no early stopping, the final iterate."""
+def train_one(data, model_name: str, method: str, seed: int, *, lr=None, epochs: int = 200, schedule: bool = True, progress=None,
+              optimizer: str = "adam", observe=None) -> dict:
+    """One run; ``schedule=False``: constant learning rate, no early stopping, the final iterate.
+    ``observe(model)`` returns an ``on_step`` callback for :func:`common.fit` (e.g. a rotation meter)."""
     fit, val, test = make_split(data, seed)
     model = build(model_name, method, seed)
     cfg = C.FitConfig(lr=C.paper_lr(method) if lr is None else lr, epochs=epochs, batch_size=100, mode="max",
-                      patience=30 if schedule else None, plateau_patience=15 if schedule else None)
-    res = C.fit(model, fit, loss_fn=nn.functional.cross_entropy, cfg=cfg, seed=seed, monitor=lambda m, _: accuracy(m, *val), progress=progress)
+                      patience=30 if schedule else None, plateau_patience=15 if schedule else None, optimizer=optimizer)
+    res = C.fit(model, fit, loss_fn=nn.functional.cross_entropy, cfg=cfg, seed=seed, monitor=lambda m, _: accuracy(m, *val), progress=progress,
+                on_step=None if observe is None else observe(model))
     with torch.no_grad():
         acc = accuracy(model, *test) if not res.nonfinite or res.restored else float("nan")
     return dict(seed=seed, test_acc=acc, val_acc=res.best_monitored, epochs=res.epochs, nonfinite=res.nonfinite)
@@ -105,6 +119,9 @@ def run(args) -> dict:
     data = load_mnist1d(args.quick)
     epochs = args.epochs or (3 if args.quick else 200)
     methods, seeds = args.methods, args.seeds
+    if args.protocol == "tuned":
+        config = dict(protocol="tuned", epochs=epochs, models=models, n_train=len(data[0]), n_test=len(data[2]), optimizer="adam")
+        return run_tuned(args, NAME, models, lambda u, m, s, lr: train_one(data, u, m, s, lr=lr, epochs=epochs), config, tuned_summary)
     results = {mod: {m: [] for m in methods} for mod in models}
     bar = C.progress_bar(len(models) * len(methods) * len(seeds), "mnist1d", args.quiet)
     for mod in models:
@@ -132,3 +149,29 @@ def summarize(results, seeds, config):
     notes = (f"MNIST-1D default dataset ({config['n_train']} train, 10 % held out for validation; {config['n_test']} test), batch 100, ≤{config['epochs']} epochs, "
              "float64, Adam (ε 1e-7), plateau ×0.1 after 15 and early stop after 30 epochs on validation accuracy.")
     return [C.markdown_table(header, rows)], notes
+
+
+METRIC = TU.Metric(test="test_acc", val="val_acc", mode="max", kind="diff", scale=100.0, digits=3, effect_digits=1, label="test accuracy")
+UNIT_TITLE = {"mlp": "MNIST-1D MLP (40-100-100-10)", "cnn": "MNIST-1D CNN (3 conv layers of 25 channels)"}
+
+
+def run_tuned(args, name, units, train, config, summary) -> dict:
+    """The tuned protocol for an experiment whose units (models) share one training function."""
+    lrs = TU.parse_lrs(args.lrs, args.quick)
+    config = dict(config, lrs=lrs)
+    bar = C.progress_bar(len(units) * len(args.methods) * len(lrs) * len(args.seeds), name, args.quiet)
+    results = TU.run_grid(name=name, units=units, methods=args.methods, seeds=args.seeds, lrs=lrs, train=train, out=args.out,
+                          command=args.command, config=config, bar=bar)
+    bar.close()
+    tables, notes = summary(results, args.seeds, config)
+    return dict(table=tables[0], extra_tables=tables[1:], notes=notes, files=[], results=results, config=config)
+
+
+def tuned_summary(results, seeds, config):
+    tables = []
+    for u in config["models"]:
+        tables.append("\n".join(TU.summarize_unit(UNIT_TITLE[u], results[u], seeds, METRIC, C.METHODS, C.LABELS, C.paper_lr)))
+    notes = (f"MNIST-1D default dataset ({config['n_train']} train, 10 % held out for validation; {config['n_test']} test), batch 100, ≤{config['epochs']} epochs, "
+             "float64, Adam (ε 1e-7), plateau ×0.1 after 15 and early stop after 30 epochs on validation accuracy; the learning rate is chosen on "
+             "validation accuracy only (Note [Which learning rate is compared]).")
+    return tables, notes
