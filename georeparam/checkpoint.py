@@ -94,7 +94,7 @@ def load_plain_entry(
     wkey = prefix + wname
     rkey = f"{prefix}parametrizations.{wname}.original0"
     akey = f"{prefix}parametrizations.{wname}.original1"
-    bname = param._bias_name
+    bname = param.bias_name
     bkey = okey = None
     if bname is not None:
         bkey = prefix + bname

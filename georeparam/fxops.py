@@ -86,8 +86,8 @@ def _kind(node, modules) -> str:
 
 
 # Ops after which a unit's output is mixed linearly with other units (it has no activation of its
-# own): the paper's unit is r·(uᵀx + λ) there, in either form.
-_MIXING_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)
+# own): the paper's unit is r·(uᵀx + λ) there, in either form. Modules: every layer type of the
+# registry (georeparam.layouts.LAYOUTS) is one.
 _MIXING_FN = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, F.linear, F.scaled_dot_product_attention, F.conv1d, F.conv2d, F.conv3d}
 _MIXING_METHODS = {"matmul", "bmm"}
 _NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
@@ -255,7 +255,7 @@ def stop_kind(node, prev, modules) -> Tuple[str, str]:
         return k, ""
     if node.op == "call_module":
         m = modules[node.target]
-        if isinstance(m, _MIXING_MODULES) or is_supported(m):
+        if is_supported(m):
             return "mixing", "a linear layer"
         if isinstance(m, _NORM_MODULES):
             return "other", "a norm: its shift and statistics see r (Note [A norm before the activation])"

@@ -47,9 +47,8 @@ from typing import Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvNd
 
-from .layouts import input_of
+from .layouts import entry_of, input_of
 
 __all__ = ["input_mean_norm", "InputMeanNorm", "has_input_mean_norm", "fold_input_mean_norm", "is_foldable", "output_mean_norm",
            "has_output_mean_norm", "OFFICIAL_MOMENTUM"]
@@ -214,37 +213,13 @@ def is_foldable(module: nn.Module) -> bool:
     >>> is_foldable(nn.ConvTranspose1d(2, 3, 3, padding=2)), is_foldable(nn.ConvTranspose1d(2, 3, 3, padding=1))
     (True, False)
     """
-    if isinstance(module, nn.Linear):
-        return True
-    if not isinstance(module, _ConvNd):
-        return False
-    if not module.transposed:
-        return module.padding_mode != "zeros" or all(p == 0 for p in module._reversed_padding_repeated_twice)
-    if isinstance(module.padding, str):
-        return False
-    # output o gets tap k from input o + p − k·d (stride 1): every tap lands inside the input for
-    # every output exactly when p ≥ d·(k − 1) + output_padding
-    return all(s == 1 for s in module.stride) and all(
-        p >= d * (k - 1) + op
-        for p, d, k, op in zip(module.padding, module.dilation, module.kernel_size, module.output_padding)
-    )
+    e = entry_of(module)
+    return e is not None and e.foldable is not None and e.shift is not None and bool(e.foldable(module))
 
 
 def _shift(module: nn.Module, mean: Tensor) -> Tensor:
-    """``f(μ·1) − b`` of a foldable layer, in float64: one value per output unit."""
-    w = module.weight.detach().to(torch.float64)
-    mu = mean.to(torch.float64)
-    if isinstance(module, nn.Linear):
-        return w @ mu
-    g = module.groups
-    taps = w.flatten(2).sum(-1)  # conv (out, in/g); transposed (in, out/g)
-    if not module.transposed:
-        out, in_g = taps.shape
-        mu_out = mu.view(g, in_g).repeat_interleave(out // g, dim=0)
-        return (taps * mu_out).sum(-1)
-    in_ch, out_g = taps.shape
-    per_group = taps.view(g, in_ch // g, out_g) * mu.view(g, in_ch // g, 1)
-    return per_group.sum(1).reshape(g * out_g)
+    """``f(μ·1) − b`` of a foldable layer, in float64: one value per output unit (its entry's ``shift``)."""
+    return entry_of(module).shift(module, mean)
 
 
 def fold_input_mean_norm(module: nn.Module) -> bool:

@@ -114,8 +114,8 @@ def geometry(module: nn.Module, name: Optional[str] = None) -> Geometry:
     wname, param = geometric_entry(module, name)
     plist = module.parametrizations[wname]
     offset = None
-    if param._bias_name is not None:
-        offset = module.parametrizations[param._bias_name].original
+    if param.bias_name is not None:
+        offset = module.parametrizations[param.bias_name].original
     return Geometry(plist.original0, plist.original1, offset)
 
 
@@ -174,8 +174,8 @@ def validate(module: nn.Module, name: str, bias: Optional[str], mode: str) -> Tu
     return weight, b
 
 
-def _layout(module: nn.Module, weight: Tensor, mode: str = "exact", sign_after: bool = False) -> GeometricWeight:
-    return GeometricWeight(layout_of(module, weight=weight), mode=mode, sign_after=sign_after)
+def _layout(module: nn.Module, weight: Tensor) -> GeometricWeight:
+    return GeometricWeight(layout_of(module, weight=weight))
 
 
 def geometric(module: nn.Module, name: str = "weight", *, bias: Optional[str] = "bias", mode: str = "exact") -> nn.Module:
@@ -239,21 +239,21 @@ def register_validated(module: nn.Module, name: str, bias: Optional[str], mode: 
     # leaves it untouched.
     has_bias = bias is not None and module._parameters.get(bias, None) is not None and module._parameters[bias].requires_grad
     original_bias = module._parameters[bias] if has_bias else None
-    param = _layout(module, original_weight, mode, sign_after)
-    param._memory_format = _memory_format(original_weight)  # restored by remove
-    param._parameter_order = list(module._parameters)  # restored by remove (optimizer state follows the order)
+    # the memory format and the parameter order are restored by remove (optimizer state follows the order)
+    param = GeometricWeight(
+        layout_of(module, weight=original_weight), mode=mode, sign_after=sign_after,
+        memory_format=_memory_format(original_weight), parameter_order=list(module._parameters),
+    )  # fmt: skip
     # unsafe: shape and dtype are checked in validate; skips one evaluation of the whole map
     parametrize.register_parametrization(module, name, param, unsafe=True)
     try:
-        # attached after the weight's registration: from now on right_inverse is an assignment
-        object.__setattr__(param, "_layer", module)
-        param._weight_name = name
         if has_bias:  # λ gets a new Parameter: Note [Optimizers that hold replaced Parameters]
             module._parameters[bias] = nn.Parameter(original_bias.detach().clone(), original_bias.requires_grad)
             parametrize.register_parametrization(module, bias, GeometricBias(module, name))
-            param._bias_name = bias
-        param._hook_handle_id = module._register_load_state_dict_pre_hook(_load_plain_state, with_module=True).id
-        param._form_hook_id = module._register_state_dict_hook(record_form).id  # Note [The form is part of the state]
+        load_id = module._register_load_state_dict_pre_hook(_load_plain_state, with_module=True).id
+        form_id = module._register_state_dict_hook(record_form).id  # Note [The form is part of the state]
+        # bound after the weight's registration: from now on right_inverse is an assignment
+        param.bind(module, name, bias if has_bias else None, load_hook_id=load_id, form_hook_id=form_id)
         make_picklable(type(module))  # the class parametrize injected: Note [Pickling a registered layer]
     except BaseException:
         if parametrize.is_parametrized(module, bias) if has_bias else False:
@@ -263,7 +263,7 @@ def register_validated(module: nn.Module, name: str, bias: Optional[str], mode: 
         own_class(module)
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         module._parameters[name] = original_weight
-        _restore_order(module._parameters, param._parameter_order)
+        _restore_order(module._parameters, param.parameter_order)
         raise
     retire((p, f"{class_name(module)}.{n} (replaced by register)") for p, n in ((original_weight, name), (original_bias, bias)))
 
@@ -303,15 +303,15 @@ def remove_one(module: nn.Module) -> List[Tuple["_signs.SignHook", Tensor]]:
     """Bake one layer back; returns its live sign hooks with their signs, for :func:`_signs.bake`."""
     pending = []
     # the order before the first registration (a later one on the same layer saw fewer names)
-    order = max((getattr(p, "_parameter_order", []) for _, p in geometric_entries(module)), key=len, default=[])
+    order = max((p.parameter_order for _, p in geometric_entries(module)), key=len, default=[])
     for wname, param in geometric_entries(module):
         if param.sign_hook is not None:
             pending.append((param.sign_hook, param.sign_hook.sign().detach().clone()))
             param.sign_hook = None
-        bname = param._bias_name
+        bname = param.bias_name
         with torch.no_grad():
             g = geometry(module, wname)
-            weight = getattr(module, wname).detach().clone(memory_format=getattr(param, "_memory_format", torch.preserve_format))
+            weight = getattr(module, wname).detach().clone(memory_format=param.memory_format)
             bias = getattr(module, bname).detach().clone() if bname is not None else None
         own_class(module)
         if bname is not None:
@@ -320,10 +320,9 @@ def remove_one(module: nn.Module) -> List[Tuple["_signs.SignHook", Tensor]]:
         parametrize.remove_parametrizations(module, wname, leave_parametrized=True)
         module._parameters[wname] = nn.Parameter(weight, requires_grad=g.radius.requires_grad or g.angles.requires_grad)
         retire((p, f"{class_name(module)}.{wname} {k} (replaced by remove)") for k, p in g._asdict().items())
-        hid = getattr(param, "_hook_handle_id", None)
-        if hid is not None:
-            module._load_state_dict_pre_hooks.pop(hid, None)
-        module._state_dict_hooks.pop(getattr(param, "_form_hook_id", None), None)
+        if param.load_hook_id is not None:
+            module._load_state_dict_pre_hooks.pop(param.load_hook_id, None)
+        module._state_dict_hooks.pop(param.form_hook_id, None)
     _restore_order(module._parameters, order)
     # fold the running mean into the (now plain) bias where exact, else keep it --
     if _imn.has_input_mean_norm(module) and not is_geometric(module):
@@ -351,7 +350,7 @@ def _load_plain_state(module, state_dict, prefix, local_metadata, strict, missin
             # Refused: the layer keeps its values. Without this the plain keys stayed in the
             # checkpoint and PyTorch listed false "Missing key(s) … original0 / Unexpected key(s)
             # … weight" lines before the reason. The layer's own coordinates stand in for them.
-            for name in (wname, param._bias_name):
+            for name in (wname, param.bias_name):
                 if name is not None:
                     state_dict.pop(prefix + name, None)
                     state_dict.update(module.parametrizations[name].state_dict(prefix=f"{prefix}parametrizations.{name}."))

@@ -17,11 +17,14 @@ layer                          weight (bias)               units × fan_in      
   (separate q/k/v dims)        ``q/k/v_proj_weight``       ``(E, kdim)`` etc.; bias    −1
                                                            stays Cartesian (shared)
 Hugging Face ``Conv1D``        ``weight (in, out)``        ``(out, in)``: columns      −1
+``Bilinear``                   ``weight (out, in1, in2)``  ``(out, in1·in2)``          −1
 =============================  ==========================  ==========================  ===========
 
-Adding a layer type is one entry in :data:`LAYOUTS`: which weights (and biases) it has, and
-their :class:`Layout`. Hugging Face's ``Conv1D`` is named by its qualified class name, so
-``transformers`` is never imported here.
+Adding a layer type is one :class:`Entry` in :data:`LAYOUTS`: which weights (and biases) it has,
+their :class:`Layout`, and optionally its input side (input mean normalization), whether and how
+an IMN folds into its bias, and how it takes a sign into its input columns (the paper's form at
+``remove``). Nothing outside this file tests for a layer class. Hugging Face's ``Conv1D`` is named
+by its qualified class name, so ``transformers`` is never imported here.
 
 Example:
     >>> import torch
@@ -109,17 +112,42 @@ class Layout:
 
 
 class Entry:
-    """One supported layer type: its ``(weight, bias)`` name pairs and each weight's :class:`Layout`.
+    """One supported layer type: everything georeparam knows about it.
 
-    ``inside``: the units feed an op of the layer itself (attention), never an activation.
+    Required:
+
+    * ``weights(module)``: its ``[(weight name, bias name or None), ...]``;
+    * ``layout(module, weight)``: each weight's :class:`Layout`.
+
+    Optional (``None``: the feature is refused or falls back, as said):
+
+    * ``inside``: the units feed an op of the layer itself (attention), never an activation.
+    * ``unit_axis(module)``: the unit axis of the layer's output counted from the end (default ``−1``).
+    * ``inputs(module) -> (features, dim)``: the layer's input side (dim counted from the end), what
+      input mean normalization centres; ``None``: ``imn`` refuses the layer.
+    * ``foldable(module) -> bool`` and ``shift(module, mean) -> Tensor``: whether folding the IMN's
+      running mean into the bias is exact, and then ``f(μ·1) − b`` in float64 (Note [Folding the
+      running mean] in :mod:`georeparam.imn`); ``None``: the IMN stays at ``remove``.
+    * ``columns(module, w, s, flattened, producer_cd) -> Tensor | None``: the layer, as the
+      *consumer* after a GmP layer in the paper's form, takes the producer's unit signs ``s`` into
+      its weight ``w``'s input columns at ``remove`` (``flattened``: the units arrive flattened
+      with their spatial dims; ``producer_cd``: their dim in the producer's output); ``None``
+      where it cannot. ``flattened_columns``: whether it can take flattened units at all.
     """
 
-    __slots__ = ("weights", "layout", "inside")
+    __slots__ = ("weights", "layout", "inside", "unit_axis", "inputs", "foldable", "shift", "columns", "flattened_columns")
 
-    def __init__(self, weights, layout, inside: bool = False):
+    def __init__(self, weights, layout, inside: bool = False, *, unit_axis=None, inputs=None, foldable=None, shift=None,
+                 columns=None, flattened_columns: bool = False):  # fmt: skip
         self.weights: Callable[[nn.Module], List[Tuple[str, Optional[str]]]] = weights
         self.layout: Callable[[nn.Module, Tensor], Layout] = layout
         self.inside = inside
+        self.unit_axis: Callable[[nn.Module], int] = unit_axis or (lambda module: -1)
+        self.inputs: Optional[Callable[[nn.Module], Tuple[int, int]]] = inputs
+        self.foldable: Optional[Callable[[nn.Module], bool]] = foldable
+        self.shift: Optional[Callable[[nn.Module, Tensor], Tensor]] = shift
+        self.columns: Optional[Callable[..., Optional[Tensor]]] = columns
+        self.flattened_columns = bool(flattened_columns)
 
 
 def _weight_and_bias(module: nn.Module) -> List[Tuple[str, Optional[str]]]:
@@ -145,8 +173,80 @@ def _columns(module: nn.Module, weight: Tensor) -> Layout:
     return Layout(weight.shape, channel_dim=-1, columns=True)
 
 
-_LINEAR = Entry(_weight_and_bias, _rows)
-_CONV = Entry(_weight_and_bias, _conv)
+# -- Linear and ConvNd: input side, IMN fold, sign columns ------------------------------------
+def _linear_inputs(module: nn.Module) -> Tuple[int, int]:
+    return module.in_features, -1
+
+
+def _conv_axis(module: nn.Module) -> int:
+    return -(len(module.kernel_size) + 1)  # batched or not
+
+
+def _conv_inputs(module: nn.Module) -> Tuple[int, int]:
+    return module.in_channels, _conv_axis(module)
+
+
+def _always(module: nn.Module) -> bool:
+    return True
+
+
+def _conv_foldable(module: nn.Module) -> bool:
+    if not module.transposed:
+        return module.padding_mode != "zeros" or all(p == 0 for p in module._reversed_padding_repeated_twice)
+    if isinstance(module.padding, str):
+        return False
+    # output o gets tap k from input o + p − k·d (stride 1): every tap lands inside the input for
+    # every output exactly when p ≥ d·(k − 1) + output_padding
+    return all(s == 1 for s in module.stride) and all(
+        p >= d * (k - 1) + op
+        for p, d, k, op in zip(module.padding, module.dilation, module.kernel_size, module.output_padding)
+    )
+
+
+def _linear_shift(module: nn.Module, mean: Tensor) -> Tensor:
+    return module.weight.detach().to(torch.float64) @ mean.to(torch.float64)
+
+
+def _conv_shift(module: nn.Module, mean: Tensor) -> Tensor:
+    w = module.weight.detach().to(torch.float64)
+    mu = mean.to(torch.float64)
+    g = module.groups
+    taps = w.flatten(2).sum(-1)  # conv (out, in/g); transposed (in, out/g)
+    if not module.transposed:
+        out, in_g = taps.shape
+        mu_out = mu.view(g, in_g).repeat_interleave(out // g, dim=0)
+        return (taps * mu_out).sum(-1)
+    in_ch, out_g = taps.shape
+    per_group = taps.view(g, in_ch // g, out_g) * mu.view(g, in_ch // g, 1)
+    return per_group.sum(1).reshape(g * out_g)
+
+
+def _linear_columns(consumer: nn.Module, w: Tensor, s: Tensor, flattened: bool, producer_cd: int) -> Optional[Tensor]:
+    units = s.numel()
+    if flattened and consumer.in_features % units == 0:
+        cols = s.repeat_interleave(consumer.in_features // units)
+    elif not flattened and producer_cd == -1 and consumer.in_features == units:
+        cols = s
+    else:
+        return None
+    return w * cols.to(w.dtype)
+
+
+def _conv_columns(consumer: nn.Module, w: Tensor, s: Tensor, flattened: bool, producer_cd: int) -> Optional[Tensor]:
+    if flattened or producer_cd != 1 or consumer.in_channels != s.numel():
+        return None
+    if consumer.transposed:  # (in, out/g, *k): dim 0 is the input channel
+        return w * s.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1))
+    in_per_group, out_per_group = consumer.in_channels // consumer.groups, consumer.out_channels // consumer.groups
+    idx = (torch.arange(w.shape[0], device=w.device) // out_per_group)[:, None] * in_per_group
+    idx = idx + torch.arange(in_per_group, device=w.device)[None, :]
+    return w * s.to(w.dtype)[idx].reshape(idx.shape + (1,) * (w.dim() - 2))
+
+
+_LINEAR = Entry(_weight_and_bias, _rows, inputs=_linear_inputs, foldable=_always, shift=_linear_shift,
+                columns=_linear_columns, flattened_columns=True)  # fmt: skip
+_CONV = Entry(_weight_and_bias, _conv, unit_axis=_conv_axis, inputs=_conv_inputs, foldable=_conv_foldable,
+              shift=_conv_shift, columns=_conv_columns)  # fmt: skip
 
 #: One entry per supported layer type (subclasses included), keyed by the type or, for classes
 #: of optional packages, by ``"module.QualifiedName"``.
@@ -159,6 +259,8 @@ LAYOUTS: Dict[Union[type, str], Entry] = {
     nn.ConvTranspose2d: _CONV,
     nn.ConvTranspose3d: _CONV,
     nn.MultiheadAttention: Entry(_mha_weights, _rows, inside=True),
+    # a unit k is x₁ᵀW_k x₂ + b_k = vec(W_k)ᵀ(x₁⊗x₂) + b_k: a row of the (out, in1·in2) matrix
+    nn.Bilinear: Entry(_weight_and_bias, _rows),
     "transformers.pytorch_utils.Conv1D": Entry(_weight_and_bias, _columns),
 }
 
@@ -202,8 +304,10 @@ def layout_of(module: nn.Module, name: str = "weight", weight: Optional[Tensor] 
 
 
 def has_input(module: nn.Module) -> bool:
-    """Whether :func:`input_of` knows ``module``'s input (``Linear``, ``ConvNd``, ``ConvTransposeNd``)."""
-    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+    """Whether :func:`input_of` knows ``module``'s input (its entry's ``inputs``: ``Linear``,
+    ``ConvNd``, ``ConvTransposeNd``)."""
+    e = entry_of(module)
+    return e is not None and e.inputs is not None
 
 
 def input_of(module: nn.Module) -> Tuple[int, int]:
@@ -212,14 +316,14 @@ def input_of(module: nn.Module) -> Tuple[int, int]:
     ``Linear``: ``(in_features, −1)``; ``ConvNd``/``ConvTransposeNd``: ``(in_channels, −(d + 1))``
     for ``d`` spatial dims (so unbatched inputs work too). Others raise ``TypeError``.
     """
-    if isinstance(module, nn.Linear):
-        return module.in_features, -1
-    if has_input(module):
-        return module.in_channels, -(len(module.kernel_size) + 1)
-    raise TypeError(
-        f"input_mean_norm supports nn.Linear, nn.ConvNd and nn.ConvTransposeNd (and subclasses). "
-        f"Got: {class_name(module)}"
-    )
+    e = entry_of(module)
+    if e is None or e.inputs is None:
+        names = ", ".join(
+            (f"nn.{k.__name__}" if getattr(nn, k.__name__, None) is k else k.__name__) if isinstance(k, type) else k.rsplit(".", 1)[-1]
+            for k, v in LAYOUTS.items() if v.inputs
+        )  # fmt: skip
+        raise TypeError(f"input_mean_norm supports {names} (and subclasses). Got: {class_name(module)}")
+    return e.inputs(module)
 
 
 def supported_names(inside: bool = True) -> str:

@@ -18,7 +18,7 @@ import functools
 import math
 import threading
 import warnings
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ class GeometricWeight(nn.Module):
 
     def __init__(
         self, shape, *, transposed: bool = False, groups: int = 1, mode: str = "exact", sign_after: bool = False,
-        channel_dim: int = -1,
+        channel_dim: int = -1, memory_format: torch.memory_format = torch.contiguous_format, parameter_order=(),
     ):  # fmt: skip
         super().__init__()
         check_mode(mode)
@@ -49,26 +49,47 @@ class GeometricWeight(nn.Module):
         self.sign_after = bool(sign_after)
         if self.sign_after and self.layout.fan_in == 1:  # Note [The official 1-D unit] (set by right_inverse)
             self.register_buffer("direction", torch.ones(self.layout.units))
-        # set by layer.geometric once the bias is registered; see Note [Assigning the weight]
+        self._memory_format_name = str(memory_format).rpartition(".")[2]  # Note [The weight's memory format]
+        self._parameter_order = list(parameter_order)
+        # set by bind once the layer is registered; see Note [Assigning the weight]
         self._bias_name = None
         self._weight_name = None
+        self._hook_handle_id = None
+        self._form_hook_id = None
         #: the :class:`georeparam.signs.SignHook` carrying sign(r), in the paper's form
         self.sign_hook = None
 
-    @property
-    def bias_name(self):
-        """The name of the layer's GmP bias (``b = r·λ``), or ``None``."""
-        return self._bias_name
+    def bind(self, layer: nn.Module, weight_name: str, bias_name: Optional[str] = None, *,
+             load_hook_id: Optional[int] = None, form_hook_id: Optional[int] = None) -> None:
+        """Attach this map to ``layer.<weight_name>`` once torch's parametrize has registered it
+        (from then on ``right_inverse`` is an assignment: Note [Assigning the weight]).
+
+        ``bias_name``: the layer's GmP bias (``b = r·λ``), if any; ``load_hook_id`` /
+        ``form_hook_id``: the ids of the layer's plain-checkpoint load pre-hook and its form
+        ``state_dict`` hook, which ``remove`` takes off again.
+        """
+        object.__setattr__(self, "_layer", layer)  # a plain attribute: Note [How the bias reaches the radius]
+        self._weight_name = weight_name
+        self._bias_name = bias_name
+        self._hook_handle_id = load_hook_id
+        self._form_hook_id = form_hook_id
+
+    # getattr with defaults: maps pickled before these existed load too
+    layer = property(lambda self: getattr(self, "_layer", None), doc="The layer :meth:`bind` attached, or ``None``.")
+    weight_name = property(lambda self: getattr(self, "_weight_name", None), doc="The weight's name on :attr:`layer`.")
+    bias_name = property(lambda self: getattr(self, "_bias_name", None), doc="The name of the layer's GmP bias (``b = r·λ``), or ``None``.")
+    load_hook_id = property(lambda self: getattr(self, "_hook_handle_id", None), doc="The id of the layer's plain-checkpoint load pre-hook.")
+    form_hook_id = property(lambda self: getattr(self, "_form_hook_id", None), doc="The id of the layer's form ``state_dict`` hook.")
+    parameter_order = property(
+        lambda self: list(getattr(self, "_parameter_order", [])),
+        doc="The layer's ``_parameters`` names before registration (``remove`` restores that order).",
+    )
 
     @property
-    def _memory_format(self) -> torch.memory_format:
+    def memory_format(self) -> torch.memory_format:
         """The original weight's memory format (Note [The weight's memory format]); kept by name
         because a ``torch.memory_format`` does not pickle with ``torch.save``'s protocol 2."""
         return getattr(torch, getattr(self, "_memory_format_name", "contiguous_format"))
-
-    @_memory_format.setter
-    def _memory_format(self, fmt: torch.memory_format) -> None:
-        self._memory_format_name = str(fmt).rpartition(".")[2]
 
     # -- layout (georeparam.layouts) ------------------------------------------------------------
     shape = property(lambda self: self.layout.shape)
@@ -115,7 +136,7 @@ class GeometricWeight(nn.Module):
         # A channels_last conv weight makes the conv choose channels_last kernels and output.
         # Handing the conv a contiguous weight instead changed the output's layout (and can
         # change its rounding), so registered and removed layers were not bit-identical.
-        fmt = self._memory_format
+        fmt = self.memory_format
         return weight if fmt == torch.contiguous_format else weight.contiguous(memory_format=fmt)
 
     def right_inverse(self, weight: Tensor) -> Tuple[Tensor, Tensor]:
@@ -125,7 +146,7 @@ class GeometricWeight(nn.Module):
         # only place that sees both the old and the new radius.
         # Everything is checked before the offset is touched: PyTorch's own checks of our result
         # (dtype) run after this returns, when the rescaled offset would already be written.
-        layer = getattr(self, "_layer", None)
+        layer = self.layer
         what = "weight"
         if layer is not None:  # an assignment (at registration the layer is not attached yet)
             what = f"{class_name(layer)}.{self._weight_name}"
@@ -165,7 +186,7 @@ class GeometricWeight(nn.Module):
         # and a tiny row's r can round to 0, taking b = r·λ with it. The whole model is checked
         # before anything is cast (Note [An atomic cast]); this per-layer check only runs where
         # that did not (a ParametrizationList cast on its own).
-        layer = getattr(self, "_layer", None)
+        layer = self.layer
         if layer is not None and self._weight_name is not None and not _CAST.depth:
             _check_cast(layer, self._weight_name, self._bias_name, fn)
         return super()._apply(fn, recurse)
@@ -358,8 +379,8 @@ def install_cast_guard() -> None:
             if plists is None:
                 continue
             for name, plist in plists.items():
-                if len(plist) and isinstance(plist[0], GeometricWeight) and getattr(plist[0], "_layer", None) is m:
-                    _check_cast(m, name, plist[0]._bias_name, fn)
+                if len(plist) and isinstance(plist[0], GeometricWeight) and plist[0].layer is m:
+                    _check_cast(m, name, plist[0].bias_name, fn)
         _CAST.depth += 1
         try:
             return _PLAIN_APPLY(self, fn, recurse)

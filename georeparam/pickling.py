@@ -56,7 +56,7 @@ def _setstate_registered(self, state: dict) -> None:
     ids = []
     for plist in self.parametrizations.values():
         p = plist[0] if len(plist) else None
-        ids += [getattr(p, "_hook_handle_id", None), getattr(getattr(p, "sign_hook", None), "handle_id", None)]
+        ids += [getattr(p, "load_hook_id", None), getattr(getattr(p, "sign_hook", None), "handle_id", None)]
     ids = [i for i in ids if isinstance(i, int)]
     if ids:
         RemovableHandle.next_id = max(RemovableHandle.next_id, max(ids) + 1)

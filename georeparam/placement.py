@@ -114,9 +114,8 @@ class Placement:
 def unit_axis(layer: nn.Module) -> int:
     """The unit axis of ``layer``'s output counted from the end: ``−(d+1)`` for a ``d``-d conv
     (batched or not), else ``−1``."""
-    if isinstance(layer, nn.modules.conv._ConvNd):
-        return -(len(layer.kernel_size) + 1)
-    return -1
+    e = entry_of(layer)
+    return e.unit_axis(layer) if e is not None else -1
 
 
 def _linear(where: str) -> Placement:
@@ -321,11 +320,11 @@ class _Scope:
         if consumer is not None:
             std = up.standard(st_c, units) if st_c is not None else None
             m = self.modules[self._local(consumer)]
-            if std is not None and isinstance(m, nn.Linear) and std[0] == -1:
+            e = entry_of(m)
+            takes = e is not None and e.columns is not None and e.inputs is not None  # the layer's input columns
+            if takes and std is not None and std[0] == e.inputs(m)[1] and (e.flattened_columns or not std[1]):
                 bake = std
-            elif std is not None and isinstance(m, nn.modules.conv._ConvNd) and not std[1] and std[0] == -(len(m.kernel_size) + 1):
-                bake = std
-            elif isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            elif takes:
                 stays = f"sign cannot be baked at remove: its units reach {consumer} reshaped or in part"
             else:
                 stays = f"sign cannot be baked at remove: feeds {consumer} ({type(m).__name__}), which holds no sign"

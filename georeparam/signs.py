@@ -32,7 +32,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from .layouts import Layout, is_supported, layout_of
+from .layouts import Layout, entry_of, is_supported, layout_of
 from . import unitpath as up
 from .placement import Placement
 
@@ -272,23 +272,10 @@ def column_signs(consumer: nn.Module, w: Tensor, s: Tensor, flattened: bool, pro
     ``flattened``: the producer's units reach ``consumer`` flattened with their spatial dims
     (channel-major); ``producer_cd``: the unit dim of the producer's output (``Layout.channel_dim``).
     """
-    units = s.numel()
-    if isinstance(consumer, nn.Linear):
-        if flattened and consumer.in_features % units == 0:
-            cols = s.repeat_interleave(consumer.in_features // units)
-        elif not flattened and producer_cd == -1 and consumer.in_features == units:
-            cols = s
-        else:
-            return None
-        return w * cols.to(w.dtype)
-    if isinstance(consumer, nn.modules.conv._ConvNd) and not flattened and producer_cd == 1 and consumer.in_channels == units:
-        if consumer.transposed:  # (in, out/g, *k): dim 0 is the input channel
-            return w * s.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1))
-        in_per_group, out_per_group = consumer.in_channels // consumer.groups, consumer.out_channels // consumer.groups
-        idx = (torch.arange(w.shape[0], device=w.device) // out_per_group)[:, None] * in_per_group
-        idx = idx + torch.arange(in_per_group, device=w.device)[None, :]
-        return w * s.to(w.dtype)[idx].reshape(idx.shape + (1,) * (w.dim() - 2))
-    return None
+    e = entry_of(consumer)
+    if e is None or e.columns is None:
+        return None
+    return e.columns(consumer, w, s, flattened, producer_cd)
 
 
 def bake(hook, s: Tensor) -> Optional[str]:

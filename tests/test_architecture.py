@@ -1,6 +1,8 @@
-"""The package's import structure: no module imports a private name from another module, and the
-import graph between the package's modules has no cycle. Read from the source (AST), so a planted
-violation fails here without importing anything."""
+"""The package's import structure: no module imports a private name from another module, the
+import graph between the package's modules has no cycle, and no code writes a private attribute of
+an object other than its own (``self``/``cls``): a ``GeometricWeight`` is built whole by its
+constructor and ``bind``. Read from the source (AST), so a planted violation fails here without
+importing anything."""
 
 from __future__ import annotations
 
@@ -93,6 +95,39 @@ def cycles(graph) -> List[List[str]]:
     return found
 
 
+# the cast guard installs itself on torch's own Module class (Note [An atomic cast])
+_ALLOWED_WRITES = {("georeparam.parametrization", "nn.Module._apply")}
+
+
+def private_writes(root: Path = PACKAGE) -> List[str]:
+    """``x._y = …`` (also augmented) and ``object.__setattr__(x, "_y", …)`` where ``x`` is not
+    ``self`` or ``cls``: code setting another object's private state."""
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        mod = _module_name(path, root)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            written = []
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    written += [(e.value, e.attr) for e in ast.walk(target) if isinstance(e, ast.Attribute) and isinstance(e.ctx, ast.Store)]
+            elif (
+                isinstance(node, ast.Call) and ast.unparse(node.func) == "object.__setattr__" and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+            ):  # fmt: skip
+                written.append((node.args[0], node.args[1].value))
+            for owner, attr in written:
+                if not attr.startswith("_") or attr.startswith("__") or (isinstance(owner, ast.Name) and owner.id in ("self", "cls")):
+                    continue
+                where = f"{ast.unparse(owner)}.{attr}"
+                if (mod, where) not in _ALLOWED_WRITES:
+                    bad.append(f"{mod}:{node.lineno} writes {where}")
+    return bad
+
+
+def test_no_code_writes_another_objects_private_attribute():
+    assert private_writes() == []
+
+
 def test_no_module_imports_a_private_name_from_another():
     assert private_imports(imports()) == []
 
@@ -112,3 +147,8 @@ def test_the_checks_catch_planted_violations(tmp_path):
     graph = imports(pkg)
     assert private_imports(graph) == ["georeparam.a:1 imports _hidden from georeparam.b"]
     assert cycles(graph) == [["georeparam.a", "georeparam.b", "georeparam.sub.c", "georeparam.a"]]
+    (pkg / "d.py").write_text(
+        "def bind(p, q):\n    p._weight_name = 'w'\n    object.__setattr__(q, '_layer', p)\n    p.public = 1\n"
+        "class C:\n    def f(self):\n        self._own = 1\n        object.__setattr__(self, '_own', 2)\n"
+    )
+    assert private_writes(pkg) == ["georeparam.d:2 writes p._weight_name", "georeparam.d:3 writes q._layer"]

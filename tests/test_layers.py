@@ -2,7 +2,8 @@
 
 The grid covers Linear (in_features 1, 2, odd, large), Conv1d/2d/3d with groups (depthwise
 included), dilation, stride and every padding mode, ConvTranspose1d/2d/3d with groups and
-output_padding, with and without bias, in float32 and float64. The unit layout (one unit per
+output_padding, Bilinear (two inputs; a unit is a row of the (out, in1·in2) weight view), with and
+without bias, in float32 and float64. The unit layout (one unit per
 output neuron / output channel) is checked against norms computed directly from the weight.
 """
 
@@ -93,8 +94,30 @@ LAYERS = (
             (2, 3, 3, 3),
         ),
         ("convT3d-g3-op", lambda b: nn.ConvTranspose3d(3, 6, (1, 3, 2), groups=3, stride=2, output_padding=1, bias=b), (3, 3, 3, 3)),
+        # two inputs: in_shape is one shape per input
+        ("bilinear", lambda b: nn.Bilinear(3, 4, 5, bias=b), ((3,), (4,))),
+        ("bilinear-1x1", lambda b: nn.Bilinear(1, 1, 3, bias=b), ((1,), (1,))),  # fan-in 1
+        ("bilinear-batch", lambda b: nn.Bilinear(2, 3, 4, bias=b), ((2, 2), (2, 3))),
     ]
 )
+
+
+def _inputs(in_shape, dtype):
+    """The batch of inputs: a tensor, or a tuple of them for a layer of several inputs."""
+    if isinstance(in_shape[0], tuple):
+        return tuple(torch.randn((2,) + s, dtype=dtype) for s in in_shape)
+    return torch.randn((2,) + in_shape, dtype=dtype)
+
+
+def _call(layer, x):
+    return layer(*x) if isinstance(x, tuple) else layer(x)
+
+
+class _Then(nn.Sequential):
+    """``(layer, activation)`` for a layer of two inputs (``nn.Sequential`` passes one)."""
+
+    def forward(self, x1, x2):
+        return self[1](self[0](x1, x2))
 
 
 def _make(factory, bias, dtype, seed=0):
@@ -107,10 +130,10 @@ def _make(factory, bias, dtype, seed=0):
 
 
 def _forward_and_input_grad(layer, x, g):
-    x = x.clone().requires_grad_()
-    y = layer(x)
-    (gx,) = torch.autograd.grad(y, x, g)
-    return y.detach(), gx
+    xs = tuple(t.clone().requires_grad_() for t in (x if isinstance(x, tuple) else (x,)))
+    y = layer(*xs)
+    gx = torch.autograd.grad(y, xs, g)
+    return y.detach(), torch.cat([t.flatten() for t in gx])
 
 
 def _expected_units(layer, weight=None):
@@ -135,8 +158,8 @@ def test_same_function_before_after_register_and_remove(name, factory, in_shape,
     layer = _make(factory, bias, dtype)
     cls = type(layer)
     with seeded(1):
-        x = torch.randn((2,) + in_shape, dtype=dtype)
-        y0 = layer(x).detach()
+        x = _inputs(in_shape, dtype)
+        y0 = _call(layer, x).detach()
         g = torch.randn_like(y0)
     y0, gx0 = _forward_and_input_grad(layer, x, g)
     w0 = layer.weight.detach().clone()
@@ -169,7 +192,7 @@ def test_same_function_before_after_register_and_remove(name, factory, in_shape,
     else:
         assert geo.offset is None and layer.bias is None
     # gradients reach every new parameter
-    layer(x).mul(g).sum().backward()
+    _call(layer, x).mul(g).sum().backward()
     for p in (geo.radius, geo.angles) + ((geo.offset,) if bias else ()):
         if p.numel():  # fan-in 1 has an empty angle tensor, which nothing depends on
             assert p.grad is not None and torch.isfinite(p.grad).all()
@@ -328,10 +351,10 @@ def test_precision_through_a_conv_layout():
 @pytest.mark.parametrize("name,factory,in_shape", LAYERS, ids=[c[0] for c in LAYERS])
 def test_register_followed_by_relu_is_exact_in_both_forms(name, factory, in_shape, dtype, form):
     # register on (layer, ReLU): the paper's form puts sign(r) after the ReLU, the weight form does not
-    model = nn.Sequential(_make(factory, True, dtype), nn.ReLU())
+    model = (_Then if isinstance(in_shape[0], tuple) else nn.Sequential)(_make(factory, True, dtype), nn.ReLU())
     with seeded(2):
-        x = torch.randn((2,) + in_shape, dtype=dtype)
-        g = torch.randn_like(model(x))
+        x = _inputs(in_shape, dtype)
+        g = torch.randn_like(_call(model, x))
     y0, gx0 = _forward_and_input_grad(model, x, g)
     report = georeparam.register(model, form=form)
     assert report.form_of("0") == ("weight" if form == "weight" else "paper")  # fan-in 1 too: the official 1-D unit
