@@ -204,11 +204,23 @@ def save_figure(res: StabilityResult, path: Path) -> Path:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/figure1.py", description="The paper's Figure 1: boundary stability under a parameter perturbation.")
-    parser.add_argument("--eps", default="1e-4,1e-3,1e-2,1e-1", help="perturbation sizes, comma-separated (default %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/figure1.py",
+        description="The paper's Figure 1: boundary stability under a parameter perturbation.",
+    )
+    parser.add_argument(
+        "--eps", default="1e-4,1e-3,1e-2,1e-1", help="perturbation sizes, comma-separated (default %(default)s)"
+    )
     parser.add_argument("--trials", type=int, default=1000, help="units per ε (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the units and random perturbations (default %(default)s)")
-    parser.add_argument("--perturbation", choices=["ones", "random"], default="ones", help="δ = ε·1 (the official code) or ε·ξ, ξ ~ N(0, I)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the units and random perturbations (default %(default)s)"
+    )
+    parser.add_argument(
+        "--perturbation",
+        choices=["ones", "random"],
+        default="ones",
+        help="δ = ε·1 (the official code) or ε·ξ, ξ ~ N(0, I)",
+    )
     parser.add_argument("--out", default="figure1-results", help="output directory (default %(default)s)")
     args = parser.parse_args(argv)
     try:
@@ -217,8 +229,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     table = res.table()
-    print(f"Figure 1: {args.trials} units per ε, w, b ~ N(0, 1e-6), δ = {'ε·1' if args.perturbation == 'ones' else 'ε·ξ'}; "
-          "median direction change (rad) / median point shift")
+    print(
+        f"Figure 1: {args.trials} units per ε, w, b ~ N(0, 1e-6), δ = {'ε·1' if args.perturbation == 'ones' else 'ε·ξ'}; "
+        "median direction change (rad) / median point shift"
+    )
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

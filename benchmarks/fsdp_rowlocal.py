@@ -68,7 +68,12 @@ def _example():
 # counting collectives at the dispatcher
 # -------------------------------------------------------------------------------------------------
 
-_GATHER = {"_allgather_base_", "all_gather_into_tensor", "allgather_into_tensor_coalesced", "all_gather_into_tensor_coalesced"}
+_GATHER = {
+    "_allgather_base_",
+    "all_gather_into_tensor",
+    "allgather_into_tensor_coalesced",
+    "all_gather_into_tensor_coalesced",
+}
 _SCATTER = {"_reduce_scatter_base_", "reduce_scatter_tensor", "reduce_scatter_tensor_coalesced"}
 _REDUCE = {"allreduce_", "all_reduce"}
 
@@ -83,7 +88,15 @@ class CountCollectives(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        kind = "all_gather" if name in _GATHER else "reduce_scatter" if name in _SCATTER else "all_reduce" if name in _REDUCE else None
+        kind = (
+            "all_gather"
+            if name in _GATHER
+            else "reduce_scatter"
+            if name in _SCATTER
+            else "all_reduce"
+            if name in _REDUCE
+            else None
+        )
         if kind is not None:
             # c10d ops take (output, input, ...) for gathers/scatters; functional ones take (input, ...)
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -149,7 +162,9 @@ def make_rowlocal(model: nn.Module, mesh) -> List[nn.Parameter]:
 
 
 def full_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
+    return {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()
+    }
 
 
 def train(ex, variant: str, mesh, steps: int = 20, lr: float = 0.05) -> dict:
@@ -205,15 +220,27 @@ def main() -> None:
             "gmp": ex.train("none")["state_dict"],
         }
         ref["gmp-rowlocal"] = ref["gmp-keep"] = ref["gmp"]
-        print(f"\n2 ranks (gloo), {ex.IN_FEATURES}-{'-'.join(map(str, ex.HIDDEN))}-{ex.CLASSES} GELU MLP, GmP on the hidden layers, 20 Adam steps\n")
-        print("| run | all-gather B/step/rank | reduce-scatter B/step/rank | map rows/step/rank | max |Δ| vs 1 process |")
+        print(
+            f"\n2 ranks (gloo), {ex.IN_FEATURES}-{'-'.join(map(str, ex.HIDDEN))}-{ex.CLASSES} GELU MLP, GmP on the hidden layers, 20 Adam steps\n"
+        )
+        print(
+            "| run | all-gather B/step/rank | reduce-scatter B/step/rank | map rows/step/rank | max |Δ| vs 1 process |"
+        )
         print("|---|---|---|---|---|")
         summary = {}
         for v, r in results.items():
             diff = max(float((r["state"][k] - ref[v][k]).abs().max()) for k in ref[v])
             b = r["bytes_per_step"]
-            summary[v] = {"bytes_per_step": b, "calls_per_step": r["calls_per_step"], "map_rows_per_step_per_rank": r["map_rows_per_step_per_rank"], "max_abs_diff": diff, "placements": r["placements"]}
-            print(f"| {v} | {b.get('all_gather', 0):.0f} | {b.get('reduce_scatter', 0):.0f} | {r['map_rows_per_step_per_rank']:.0f} | {diff:.2g} |")
+            summary[v] = {
+                "bytes_per_step": b,
+                "calls_per_step": r["calls_per_step"],
+                "map_rows_per_step_per_rank": r["map_rows_per_step_per_rank"],
+                "max_abs_diff": diff,
+                "placements": r["placements"],
+            }
+            print(
+                f"| {v} | {b.get('all_gather', 0):.0f} | {b.get('reduce_scatter', 0):.0f} | {r['map_rows_per_step_per_rank']:.0f} | {diff:.2g} |"
+            )
         out = REPO / "results" / "fsdp_rowlocal.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=1))

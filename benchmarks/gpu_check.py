@@ -99,7 +99,10 @@ def paper_rows64(radius: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
     m = lat.shape[-1] - 1
     before = torch.cat([torch.ones_like(lat[..., :1]), torch.cumprod(torch.cos(lat[..., :m]), -1)], -1)
     th = lat[..., m:]
-    u = torch.cat([torch.sin(lat[..., :m]) * before[..., :m], before[..., m:] * torch.cos(th), before[..., m:] * torch.sin(th)], -1)
+    u = torch.cat(
+        [torch.sin(lat[..., :m]) * before[..., :m], before[..., m:] * torch.cos(th), before[..., m:] * torch.sin(th)],
+        -1,
+    )
     return radius.unsqueeze(-1) * u
 
 
@@ -108,7 +111,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int) -> Dict[str, List[float]]:
+def timed(
+    fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int
+) -> Dict[str, List[float]]:
     """Seconds per call of each function, interleaved rounds after warm-up."""
     for _ in range(warmup):
         for f in fns.values():
@@ -210,7 +215,9 @@ def trajectories(device: torch.device, quick: bool) -> dict:
                 losses.append(loss.item())
                 if (i + 1) % max(1, steps // 3) == 0:
                     with torch.no_grad():
-                        weights.append(torch.cat([m.weight.flatten() for m in model if isinstance(m, nn.Linear)]).double().cpu())
+                        weights.append(
+                            torch.cat([m.weight.flatten() for m in model if isinstance(m, nn.Linear)]).double().cpu()
+                        )
             runs[where] = (losses, weights, form)
         (l32, w32, form), (l64, w64, _) = runs["device"], runs["cpu64"]
         res[name] = {
@@ -328,7 +335,11 @@ def map_cost(device: torch.device, quick: bool) -> dict:
                     with torch.autocast(device.type, dtype=torch.bfloat16):  # the map runs in float32 inside
                         bf16[key] = err(on_path(path, lambda mode=mode: scaled_unit(r32, a32, mode))())
             errors["log_domain"] = err(log_domain_scaled_unit(r32, a32))
-        row = {"weight_norm_ms": statistics.median(t["wn"]) * 1e3, "fp32_row_rel_err_vs_fp64": errors, "bf16_autocast_row_rel_err_vs_fp64": bf16}
+        row = {
+            "weight_norm_ms": statistics.median(t["wn"]) * 1e3,
+            "fp32_row_rel_err_vs_fp64": errors,
+            "bf16_autocast_row_rel_err_vs_fp64": bf16,
+        }
         for k in fns:
             if k != "wn":
                 row[f"{k}_over_weight_norm"] = med_ratio(t, k, "wn")
@@ -342,8 +353,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="toy sizes (seconds; what tests run on CPU)")
     p.add_argument("--out", default="gpu_check.json", help="where the JSON goes (default ./gpu_check.json)")
     p.add_argument("--only", action="append", choices=["registration", "trajectories", "step_ratios", "map_cost"])
-    p.add_argument("--dry-run", action="store_true", help="--device cpu --quick: proves the script runs, no device needed")
-    p.add_argument("--budget", type=float, default=480.0, help="seconds after which no new section starts (default 480)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="--device cpu --quick: proves the script runs, no device needed"
+    )
+    p.add_argument(
+        "--budget", type=float, default=480.0, help="seconds after which no new section starts (default 480)"
+    )
     args = p.parse_args(argv)
     if args.dry_run:
         args.device, args.quick = "cpu", True
@@ -359,7 +374,12 @@ def main(argv=None) -> int:
         "triton": triton_impl.status() if triton_impl is not None else "absent",
         "sections": {},
     }
-    sections = {"registration": registration, "trajectories": trajectories, "step_ratios": step_ratios, "map_cost": map_cost}
+    sections = {
+        "registration": registration,
+        "trajectories": trajectories,
+        "step_ratios": step_ratios,
+        "map_cost": map_cost,
+    }
     for name, fn in sections.items():
         if args.only and name not in args.only:
             continue

@@ -77,7 +77,17 @@ def finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def run(kind: str, data, steps: int, lr: float, batch: int, seed: int, log_every: int, quiet: bool, other_lr: Optional[float] = None) -> dict:
+def run(
+    kind: str,
+    data,
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    log_every: int,
+    quiet: bool,
+    other_lr: Optional[float] = None,
+) -> dict:
     from tqdm import tqdm
 
     x, y, xt, yt = data
@@ -151,7 +161,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10_000)
     p.add_argument("--lr", type=float, default=1.0)
-    p.add_argument("--other-lr", type=float, default=None, help="learning rate of the Cartesian output layer (default: --lr)")
+    p.add_argument(
+        "--other-lr", type=float, default=None, help="learning rate of the Cartesian output layer (default: --lr)"
+    )
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=None, help="MNIST-1D size (default: the package's 5,000)")
@@ -163,15 +175,22 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load_data(args.samples, args.seed)
-    results = {k: run(k, data, args.steps, args.lr, args.batch, args.seed, args.log_every, args.quiet, args.other_lr) for k in ("wrapped", "plain")}
+    results = {
+        k: run(k, data, args.steps, args.lr, args.batch, args.seed, args.log_every, args.quiet, args.other_lr)
+        for k in ("wrapped", "plain")
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     if not args.no_plot:
         plot(results, out.with_suffix(".png"))
     other = "" if args.other_lr is None else f" (output layer {args.other_lr})"
-    print(f"\nMNIST-1D MLP (40-100-100-10, GmP hidden layers), Adam lr {args.lr}{other}, {args.steps} steps, batch {args.batch}\n")
-    print("| run | NaN/Inf | max abs latitude (run) | max abs last angle (run) | outside canonical (end) | final batch loss | test acc | s |")
+    print(
+        f"\nMNIST-1D MLP (40-100-100-10, GmP hidden layers), Adam lr {args.lr}{other}, {args.steps} steps, batch {args.batch}\n"
+    )
+    print(
+        "| run | NaN/Inf | max abs latitude (run) | max abs last angle (run) | outside canonical (end) | final batch loss | test acc | s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for k, r in results.items():
         nan = "none" if r["first_nonfinite_step"] is None else f"from step {r['first_nonfinite_step']}"

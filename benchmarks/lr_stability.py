@@ -49,7 +49,9 @@ def _optimizer(kind: str, params, lr: float, momentum: float) -> torch.optim.Opt
     return torch.optim.Adam(params, lr=lr)
 
 
-def run(method: str, seed: int, lr: float, momentum: float, steps: int, kind: str = "sgd") -> Dict[str, Optional[float]]:
+def run(
+    method: str, seed: int, lr: float, momentum: float, steps: int, kind: str = "sgd"
+) -> Dict[str, Optional[float]]:
     """One run: ``{"diverged_at": step or None, "loss": final loss or None}``."""
     model = make(method, seed)
     g = torch.Generator().manual_seed(1000 + seed)
@@ -105,7 +107,11 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     lrs = a.lrs or ("0.1,0.3,1,3,10" if a.optimizer == "sgd" else "0.01,0.03,0.1,0.3,1")
-    print(table([float(v) for v in lrs.split(",")], [float(v) for v in a.momenta.split(",")], a.seeds, a.steps, a.optimizer))
+    print(
+        table(
+            [float(v) for v in lrs.split(",")], [float(v) for v in a.momenta.split(",")], a.seeds, a.steps, a.optimizer
+        )
+    )
 
 
 if __name__ == "__main__":

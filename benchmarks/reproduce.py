@@ -1,8 +1,8 @@
 """Run one of the paper's experiments as its official code runs it (see benchmarks/reproduce/).
 
-    python benchmarks/reproduce.py uci --datasets yacht --quick
-    python benchmarks/reproduce.py banana --out results/banana
-    python benchmarks/reproduce.py --help
+python benchmarks/reproduce.py uci --datasets yacht --quick
+python benchmarks/reproduce.py banana --out results/banana
+python benchmarks/reproduce.py --help
 """
 
 import sys

@@ -68,7 +68,9 @@ def merge(runs):
         key = (r["name"], _condition(r))
         entry = merged.setdefault(key, dict(results={}, seeds=r["seeds"], config=r["config"], runs=[]))
         if r["seeds"] != entry["seeds"]:
-            raise SystemExit(f"{r['folder']}: runs of one condition must share their seeds. Got: {r['seeds']} vs {entry['seeds']}")
+            raise SystemExit(
+                f"{r['folder']}: runs of one condition must share their seeds. Got: {r['seeds']} vs {entry['seeds']}"
+            )
         if METHOD_DEPTH[r["name"]] == 0:  # results[method], for UCI results[method][dataset]
             for m, per in r["results"].items():
                 if isinstance(per, dict):
@@ -90,7 +92,9 @@ def _module(name):
 
 def _title(name, config):
     if name == "uci":
-        return "UCI regression — " + UCI_TEXT.get((config["targets"], config["monitor"]), f"{config['targets']} targets, monitoring {config['monitor']}")
+        return "UCI regression — " + UCI_TEXT.get(
+            (config["targets"], config["monitor"]), f"{config['targets']} targets, monitoring {config['monitor']}"
+        )
     title = _module(name).TITLE
     if config.get("monitor") == "test":
         title += " — monitoring the test split (the official notebook's choice; optimistic)"
@@ -101,14 +105,21 @@ def section(name, entry, docs: Path):
     mod = _module(name)
     tables, notes = mod.summarize(entry["results"], entry["seeds"], entry["config"])
     out = [f"### {_title(name, entry['config'])}", "", "Runs (merged method by method):", ""]
-    out += [f"- `{r['command']}` ({r['seconds'] / 60:.1f} min wall; {', '.join(r['methods'])})" for r in entry["runs"]] + [""]
+    out += [
+        f"- `{r['command']}` ({r['seconds'] / 60:.1f} min wall; {', '.join(r['methods'])})" for r in entry["runs"]
+    ] + [""]
     out += [tables[0], ""] + [t + "\n" for t in tables[1:]] + [notes, ""]
-    prefix = {"raw": "", "standardized": "std_"}.get(entry["config"].get("targets"), "") + ("test_" if entry["config"].get("monitor") == "test" else "")
+    prefix = {"raw": "", "standardized": "std_"}.get(entry["config"].get("targets"), "") + (
+        "test_" if entry["config"].get("monitor") == "test" else ""
+    )
     if name == "uci" and entry["config"]["monitor"] == "val" and entry["config"]["targets"] == "raw":
         out += [f"![uci_rmse]({mod.plot(entry['results'], docs / 'uci_rmse.png').name})", ""]
     elif name == "lr-sweep":
         cfg = entry["config"]
-        out += [f"![lr_sweep]({mod.plot(entry['results'], cfg['lrs'], cfg['tasks'], cfg['dataset'], docs / 'lr_sweep.png').name})", ""]
+        out += [
+            f"![lr_sweep]({mod.plot(entry['results'], cfg['lrs'], cfg['tasks'], cfg['dataset'], docs / 'lr_sweep.png').name})",
+            "",
+        ]
     elif name in COPIED_PLOTS:
         having = [r for r in entry["runs"] if (r["folder"] / COPIED_PLOTS[name]).exists()]
         if having:
@@ -156,9 +167,14 @@ def uci_overview(merged):
             rows.append(cells)
     if not rows:
         return []
-    return ["### UCI at a glance: paired wins against SP under each condition", "",
-            C.markdown_table(["method"] + [UCI_TEXT[c] for c in conds], rows), "",
-            "A win: same dataset and seed, lower test RMSE than SP. p: two-sided exact sign test over all pairs (ties dropped).", ""]
+    return [
+        "### UCI at a glance: paired wins against SP under each condition",
+        "",
+        C.markdown_table(["method"] + [UCI_TEXT[c] for c in conds], rows),
+        "",
+        "A win: same dataset and seed, lower test RMSE than SP. p: two-sided exact sign test over all pairs (ties dropped).",
+        "",
+    ]
 
 
 COMMITTED = Path(__file__).resolve().parent / "results"
@@ -178,15 +194,29 @@ def committed_sections(root: Path, docs: Path, plots: bool = True):
     found = []
     for folder in sorted(p for p in Path(root).glob("*") if any((p / "seeds").glob("seed_*.json"))):
         results, seeds, meta = TU.load_seed_files(folder)
-        found.append((COMMITTED_ORDER.index(meta["name"]) if meta["name"] in COMMITTED_ORDER else 99, folder.name, results, seeds, meta))
+        found.append(
+            (
+                COMMITTED_ORDER.index(meta["name"]) if meta["name"] in COMMITTED_ORDER else 99,
+                folder.name,
+                results,
+                seeds,
+                meta,
+            )
+        )
     out = []
     for _, fname, results, seeds, meta in sorted(found, key=lambda t: (t[0], t[1])):
         name, config = meta["name"], meta["config"]
         tables, notes = _committed_summary(name)(results, seeds, config)
-        prov = "; ".join(f"commit `{p['commit'][:12]}`{' + uncommitted changes' if p['dirty'] else ''}, sources sha256 `{p['source_sha256']}`"
-                         for p in meta["provenance"])
-        out += [f"### {_module(name).TITLE} — `benchmarks/results/{fname}`", "",
-                f"Seeds {', '.join(str(s) for s in seeds)} ({len(seeds)} files); produced by {prov}; command(s):", ""]
+        prov = "; ".join(
+            f"commit `{p['commit'][:12]}`{' + uncommitted changes' if p['dirty'] else ''}, sources sha256 `{p['source_sha256']}`"
+            for p in meta["provenance"]
+        )
+        out += [
+            f"### {_module(name).TITLE} — `benchmarks/results/{fname}`",
+            "",
+            f"Seeds {', '.join(str(s) for s in seeds)} ({len(seeds)} files); produced by {prov}; command(s):",
+            "",
+        ]
         out += [f"- `{c}`" for c in meta["commands"]] + [""]
         out += [t + "\n" for t in tables] + [notes, ""]
         if name == "lr-sweep":
@@ -214,7 +244,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", type=Path, nargs="?", default=None, help="older-style run folders (optional)")
     p.add_argument("--docs", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
-    p.add_argument("--committed", type=Path, default=COMMITTED, help="the per-seed result folders (default benchmarks/results)")
+    p.add_argument(
+        "--committed", type=Path, default=COMMITTED, help="the per-seed result folders (default benchmarks/results)"
+    )
     p.add_argument("--check", action="store_true", help="compare instead of writing (no plots); exit 1 on a difference")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
@@ -236,7 +268,11 @@ def legacy_sections(results: Path, docs: Path):
         keys = [k for k in merged if k[0] == name]
         if name == "uci":
             order = {json.dumps(c): i for i, c in enumerate(UCI_CONDITIONS)}
-            keys.sort(key=lambda k: order.get(json.dumps([merged[k]["config"]["targets"], merged[k]["config"]["monitor"]]), 99))
+            keys.sort(
+                key=lambda k: order.get(
+                    json.dumps([merged[k]["config"]["targets"], merged[k]["config"]["monitor"]]), 99
+                )
+            )
         for key in keys:
             parts += section(name, merged[key], docs)
     return parts

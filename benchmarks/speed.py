@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 import georeparam
+
 try:
     from georeparam._map import kernel_status, scaled_unit, unit
 except ImportError:  # an older checkout (before georeparam._map), for before/after tables
@@ -91,7 +92,9 @@ def interleaved(
     return times
 
 
-def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int, clock=None) -> Dict[str, float]:
+def interleaved_medians(
+    fns: Dict[str, Callable[[], object]], repeats: int, warmup: int, clock=None
+) -> Dict[str, float]:
     """Median seconds of each function (see :func:`interleaved`)."""
     return {k: statistics.median(v) for k, v in interleaved(fns, repeats, warmup, clock).items()}
 
@@ -184,7 +187,12 @@ def resnet18(width: int = 64, classes: int = 10) -> nn.Module:
     """torchvision's ResNet-18 layout (7×7 stem, max-pool, 2-2-2-2 basic blocks) written out here,
     so that no torchvision is needed."""
     w = [width, 2 * width, 4 * width, 8 * width]
-    layers: List[nn.Module] = [nn.Conv2d(3, w[0], 7, 2, 3, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    layers: List[nn.Module] = [
+        nn.Conv2d(3, w[0], 7, 2, 3, bias=False),
+        nn.BatchNorm2d(w[0]),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     cin = w[0]
     for i, c in enumerate(w):
         layers += [BasicBlock(cin, c, 1 if i == 0 else 2), BasicBlock(c, c, 1)]
@@ -314,12 +322,16 @@ def _models_and_step_row(
     return models, steps, row
 
 
-def step_row(name: str, make: Callable[[], nn.Module], x: torch.Tensor, classes: int, repeats: int, warmup: int, target: str) -> List[str]:
+def step_row(
+    name: str, make: Callable[[], nn.Module], x: torch.Tensor, classes: int, repeats: int, warmup: int, target: str
+) -> List[str]:
     """Only the training-step row (the larger models)."""
     return _models_and_step_row(name, make, x, classes, repeats, warmup, target)[2]
 
 
-def model_rows(name: str, make: Callable[[], nn.Module], x: torch.Tensor, classes: int, repeats: int, warmup: int, target: str) -> List[List[str]]:
+def model_rows(
+    name: str, make: Callable[[], nn.Module], x: torch.Tensor, classes: int, repeats: int, warmup: int, target: str
+) -> List[List[str]]:
     models, steps, row = _models_and_step_row(name, make, x, classes, repeats, warmup, target)
     rows = [row]
 
@@ -339,7 +351,13 @@ def model_rows(name: str, make: Callable[[], nn.Module], x: torch.Tensor, classe
         return run
 
     ti = interleaved(
-        {"standard": inf(infer["standard"]), "exact": inf(infer["exact"]), "fast": inf(infer["fast"]), "r_exact": inf(removed["exact"]), "r_fast": inf(removed["fast"])},
+        {
+            "standard": inf(infer["standard"]),
+            "exact": inf(infer["exact"]),
+            "fast": inf(infer["fast"]),
+            "r_exact": inf(removed["exact"]),
+            "r_fast": inf(removed["fast"]),
+        },
         repeats,
         warmup,
     )
@@ -423,7 +441,10 @@ def profile_step(which: str, mode: str, quick: bool) -> int:
         make, x = (lambda: mlp(sizes)), torch.randn(8 if quick else 256, sizes[0], generator=gen)
     else:
         channels = (4, 8, 8) if quick else (32, 64, 128)
-        make, x = (lambda: vgg(channels)), torch.randn(4 if quick else 64, 3, 8 if quick else 32, 8 if quick else 32, generator=gen)
+        make, x = (
+            (lambda: vgg(channels)),
+            torch.randn(4 if quick else 64, 3, 8 if quick else 32, 8 if quick else 32, generator=gen),
+        )
     y = torch.randint(0, 10, (x.shape[0],), generator=gen)
     step = step_fn(variant(make, mode), x, y)
     for _ in range(3):
@@ -523,7 +544,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             x_rn = torch.randn(b, 3, rn_side, rn_side, generator=gen)
             name = f"ResNet-18 width {rn_width} at {rn_side}×{rn_side}"
             target = "≤ 1.2" if b >= 32 else "≤ 2.5"
-            rows.append(step_row(name, lambda: resnet18(rn_width), x_rn, 10, max(3, repeats // 2), min(warmup, 2), target))
+            rows.append(
+                step_row(name, lambda: resnet18(rn_width), x_rn, 10, max(3, repeats // 2), min(warmup, 2), target)
+            )
     if "register" in parts:
         rows.append(register_row(reg_sizes, 3))
 

@@ -174,7 +174,11 @@ def train(
     rank, world = (dist.get_rank(), dist.get_world_size()) if engine != "none" else (0, 1)
     if GLOBAL_BATCH % world:
         raise ValueError(f"the global batch {GLOBAL_BATCH} must split evenly over ranks. Got: world size {world}")
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.is_initialized() and dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
     model = make_model(seed, geometric).to(device)  # 1. register (inside make_model)
     stats: Dict[str, List[int]] = defaultdict(list)
     if engine == "ddp":  # 2. wrap
@@ -225,11 +229,15 @@ def train(
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--engine", choices=["ddp", "fsdp2", "none"], default=None, help="default: ddp under torchrun, none otherwise")
+    p.add_argument(
+        "--engine", choices=["ddp", "fsdp2", "none"], default=None, help="default: ddp under torchrun, none otherwise"
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--optimizer", choices=["adam", "gmp"], default="adam", help="gmp: georeparam.optim param_groups + wrapper")
+    p.add_argument(
+        "--optimizer", choices=["adam", "gmp"], default="adam", help="gmp: georeparam.optim param_groups + wrapper"
+    )
     p.add_argument("--standard", action="store_true", help="train the standard (not GmP) model, for comparison")
     p.add_argument("--comm-stats", action="store_true", help="count the bytes each collective sends")
     p.add_argument("--out", default=None, help="torch.save the results (rank 0) to this file")

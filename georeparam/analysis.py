@@ -58,6 +58,7 @@ __all__ = ["characteristic_points", "angle_between", "AngularDrift", "PointsReco
 
 # -- characteristic points -------------------------------------------------------------------------
 
+
 def _to_units(layer: nn.Module, weight: Tensor) -> Tensor:
     """``weight`` (shaped like the layer's weight) as ``(units, fan_in)`` rows (:mod:`georeparam.layouts`)."""
     return layout_of(layer, weight=weight).to_units(weight)
@@ -117,7 +118,9 @@ def _unit_form(layer: nn.Module) -> Tuple[Tensor, Tensor, Tensor]:
     with torch.no_grad():
         s, d = _directions(layer)
         zero = s == 0
-        bias = layer.bias.detach().to(torch.float64) if getattr(layer, "bias", None) is not None else torch.zeros_like(s)
+        bias = (
+            layer.bias.detach().to(torch.float64) if getattr(layer, "bias", None) is not None else torch.zeros_like(s)
+        )
         lam = bias / torch.where(zero, torch.ones_like(s), s)
         if bool(zero.any()) and is_geometric(layer):  # Note [Degenerate units]; a Cartesian d is NaN
             offset = geometry(layer).offset
@@ -242,7 +245,9 @@ def _select_layers(model: nn.Module, layers, exclude, what: str) -> List[Tuple[s
             if not any(mod is m for _, m in named):
                 raise ValueError(f"{what}: a module given in layers is not part of the model. Got: {class_name(mod)}")
     if not chosen:
-        raise ValueError(f"{what}: no Linear/Conv layer selected in {type(model).__name__}. Got: layers={layers!r}, exclude={exclude!r}")
+        raise ValueError(
+            f"{what}: no Linear/Conv layer selected in {type(model).__name__}. Got: layers={layers!r}, exclude={exclude!r}"
+        )
     return chosen
 
 
@@ -382,9 +387,17 @@ class AngularDrift(_OptimizerHooks):
         (3, 8, True)
     """
 
-    def __init__(self, model: nn.Module, layers: Optional[Iterable[Union[str, nn.Module, type]]] = None, *,
-                 exclude: Iterable[Union[str, nn.Module, type]] = (), history: bool = False):
-        self._tracks = [_Track(n or type(m).__name__, m) for n, m in _select_layers(model, layers, exclude, "AngularDrift")]
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Optional[Iterable[Union[str, nn.Module, type]]] = None,
+        *,
+        exclude: Iterable[Union[str, nn.Module, type]] = (),
+        history: bool = False,
+    ):
+        self._tracks = [
+            _Track(n or type(m).__name__, m) for n, m in _select_layers(model, layers, exclude, "AngularDrift")
+        ]
         self.keep_history = bool(history)
         self._per_step: Dict[str, List[float]] = {"median": [], "p99": [], "max": [], "flip_fraction": []}
         self._handles: list = []
@@ -524,7 +537,9 @@ class PointsRecorder(_OptimizerHooks):
         ((3, 4, 1), [0, 1, 2])
     """
 
-    def __init__(self, layer: nn.Module, *, every: int = 1, norm: Optional[nn.Module] = None, record_initial: bool = True):
+    def __init__(
+        self, layer: nn.Module, *, every: int = 1, norm: Optional[nn.Module] = None, record_initial: bool = True
+    ):
         _check_layer(layer)
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int. Got: {every!r}")
@@ -565,5 +580,3 @@ class PointsRecorder(_OptimizerHooks):
 
     def __len__(self) -> int:
         return len(self._points)
-
-

@@ -59,7 +59,9 @@ class WeightAverage:
     """
 
     def __init__(self, model: nn.Module, *, decay: Optional[float] = None):
-        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0):
+        if decay is not None and (
+            isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0
+        ):
             raise ValueError(f"WeightAverage: decay must be a number in [0, 1) or None. Got: {decay!r}")
         self.decay = decay
         self.updates = 0
@@ -77,7 +79,9 @@ class WeightAverage:
             )
         for k, v in sd.items():
             old = self._avg.get(k)
-            if old is not None and (tuple(old.shape) != tuple(v.shape) or old.is_floating_point() != v.is_floating_point()):
+            if old is not None and (
+                tuple(old.shape) != tuple(v.shape) or old.is_floating_point() != v.is_floating_point()
+            ):
                 raise ValueError(
                     f"WeightAverage.update: {k!r} changed shape or kind since the average began (a different model?). "
                     f"Start a new WeightAverage for it. Got: {tuple(v.shape)} {v.dtype}, average {tuple(old.shape)} "
@@ -145,9 +149,15 @@ class WeightAverage:
             raise ValueError(f"WeightAverage.load_state_dict: updates must be an int ≥ 0. Got: {updates!r}")
         if not isinstance(avg, dict) or set(avg) != set(self._avg):
             got = sorted(set(avg) ^ set(self._avg))[:5] if isinstance(avg, dict) else type(avg).__name__
-            raise ValueError(f"WeightAverage.load_state_dict: the saved average is of another model. Got: differing keys {got}")
+            raise ValueError(
+                f"WeightAverage.load_state_dict: the saved average is of another model. Got: differing keys {got}"
+            )
         for k, v in avg.items():
-            if not isinstance(v, Tensor) or tuple(v.shape) != tuple(self._avg[k].shape) or v.dtype != self._avg[k].dtype:
+            if (
+                not isinstance(v, Tensor)
+                or tuple(v.shape) != tuple(self._avg[k].shape)
+                or v.dtype != self._avg[k].dtype
+            ):
                 raise ValueError(
                     f"WeightAverage.load_state_dict: {k!r} must be a {self._avg[k].dtype} tensor of shape "
                     f"{tuple(self._avg[k].shape)}. Got: {getattr(v, 'dtype', type(v).__name__)} {tuple(getattr(v, 'shape', ()))}"

@@ -43,7 +43,15 @@ from .coords import to_hyperspherical
 from .parametrization import GeometricWeight, check_radius, check_weight_values, offset_from
 from .signs import unit_sign
 
-__all__ = ["load_plain_entry", "record_form", "form_mismatches", "form_error", "check_forms", "check_layer_form", "FORM_KEY"]
+__all__ = [
+    "load_plain_entry",
+    "record_form",
+    "form_mismatches",
+    "form_error",
+    "check_forms",
+    "check_layer_form",
+    "FORM_KEY",
+]
 
 
 def _in_model_dtype(value: Tensor, dtype: torch.dtype, key: str) -> Tensor:
@@ -209,14 +217,18 @@ def form_mismatches(model: nn.Module, state_dict, prefix: str = "") -> List[str]
                 continue  # a plain entry: loads into either form
             have = _form_of(pl[0])
             if saved[wname] != have:
-                out.append(f"{full or '<model>'} (checkpoint: {_WORDS.get(saved[wname], saved[wname])}; model: {_WORDS[have]})")
+                out.append(
+                    f"{full or '<model>'} (checkpoint: {_WORDS.get(saved[wname], saved[wname])}; model: {_WORDS[have]})"
+                )
     return out
 
 
 def form_error(where: str, bad: List[str]) -> ValueError:
     want = []
     if any("checkpoint: the paper" in b for b in bad):
-        want.append("georeparam.register(model, form='paper') where the checkpoint's layers had sign(r) after the activation")
+        want.append(
+            "georeparam.register(model, form='paper') where the checkpoint's layers had sign(r) after the activation"
+        )
     if any("checkpoint: r inside" in b for b in bad):
         want.append("form='weight' where they had r inside the layer")
     return ValueError(

@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from . import __version__, demo
 
+
 def _prog() -> str:
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return "georeparam" if name == "georeparam" else "python -m georeparam"
@@ -66,9 +67,14 @@ def info_lines() -> List[str]:
         f"torch      {torch.__version__} (CUDA {'available: ' + torch.cuda.get_device_name(0) if cuda else 'not available'})",
         f"threads    {torch.get_num_threads()} (torch.get_num_threads(); OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})",
         f"kernel     {status}",
-        "map        CPU float32: " + ("the compiled kernel" if kernel_on else "the pure-torch map (no kernel, see above)")
+        "map        CPU float32: "
+        + ("the compiled kernel" if kernel_on else "the pure-torch map (no kernel, see above)")
         + "; CPU float64 and other dtypes: the pure-torch map; CUDA: "
-        + ("the Triton map (eager float32/float64), else the pure-torch map" if triton_impl.available() else "the pure-torch map (triton not importable)")
+        + (
+            "the Triton map (eager float32/float64), else the pure-torch map"
+            if triton_impl.available()
+            else "the pure-torch map (triton not importable)"
+        )
         + ("" if cuda else " (no CUDA device here)"),
     ]
     from ._map.build import KernelUnavailable, cache_dir

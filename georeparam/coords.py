@@ -96,7 +96,6 @@ def latitude_to_polar(angles: Tensor) -> Tensor:
     return polar_to_latitude(angles)
 
 
-
 def to_cartesian(angles: Tensor, *, convention: str = "latitude", mode: str = "exact") -> Tensor:
     r"""Unit vectors from angles, row-wise over the last dimension.
 

@@ -34,7 +34,17 @@ from .analysis import AngularDrift, PointsRecorder
 from .layer import geometry
 from .model import register
 
-__all__ = ["spirals", "run_demo", "main", "DEFAULT_RUNS", "METHODS", "DESCRIPTION", "add_arguments", "run_from_args", "help_formatter"]
+__all__ = [
+    "spirals",
+    "run_demo",
+    "main",
+    "DEFAULT_RUNS",
+    "METHODS",
+    "DESCRIPTION",
+    "add_arguments",
+    "run_from_args",
+    "help_formatter",
+]
 
 #: The methods: ``GmP`` is the paper's form (``register``'s default), ``GmP-weight`` the weight form.
 METHODS = ("SP", "WN", "GmP", "GmP-weight")
@@ -51,7 +61,9 @@ DEFAULT_RUNS: Tuple[Tuple[str, float], ...] = (
 )
 
 
-def spirals(n: int, *, turns: float = 2.5, noise: float = 0.2, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+def spirals(
+    n: int, *, turns: float = 2.5, noise: float = 0.2, generator: torch.Generator
+) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""Two interleaved spirals in 2-D, scaled to about ``[−2, 2]²``; labels in ``{0, 1}``.
 
     Arm ``k`` is ``±t·(cos t, sin t)``; points are spread uniformly along each arm (``t`` is
@@ -100,7 +112,9 @@ def _parse_runs(spec: str) -> List[Tuple[str, float]]:
             continue
         method, sep, lr = item.partition(":")
         if not sep or method not in METHODS:
-            raise ValueError(f"--runs takes METHOD:LR items separated by commas, METHOD in {', '.join(METHODS)}. Got: {item!r}")
+            raise ValueError(
+                f"--runs takes METHOD:LR items separated by commas, METHOD in {', '.join(METHODS)}. Got: {item!r}"
+            )
         try:
             runs.append((method, float(lr)))
         except ValueError:
@@ -133,7 +147,7 @@ def _table(rows: Sequence[Dict], steps: int, target: float) -> str:
 
 _LEGEND = (
     "GmP: the paper's form r·ReLU(uᵀx + λ), register's default; GmP-weight: ReLU(r·(uᵀx + λ)), "
-    "register(form=\"weight\"). drift: angle (rad) a hidden unit's boundary direction turns in one step, over "
+    'register(form="weight"). drift: angle (rad) a hidden unit\'s boundary direction turns in one step, over '
     "all steps and units (dead units get no gradient and do not turn); flips: unit-steps turning by more than "
     "π/2 (count and share); r sign changes: unit-steps in which a GmP radius changed sign; dead units: hidden "
     "units inactive on every training point at the end."
@@ -204,7 +218,9 @@ def run_demo(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        config = dict(steps=steps, seed=seed, width=width, target=target, n_train=n_train, n_test=n_test, turns=turns, noise=noise)
+        config = dict(
+            steps=steps, seed=seed, width=width, target=target, n_train=n_train, n_test=n_test, turns=turns, noise=noise
+        )
         return _run(config, runs, record_every, out, plot, progress, verbose)
     finally:
         torch.set_num_threads(previous)
@@ -255,8 +271,23 @@ def _run(config: Dict, runs, record_every, out, plot, progress, verbose) -> Dict
         rec = PointsRecorder(model[0], every=record_every).attach(opt)
         radius = geometry(model[0]).radius if method.startswith("GmP") else None
         sign = None if radius is None else radius.detach() >= 0
-        state.append(dict(method=method, lr=lr, model=model, opt=opt, drift=drift, rec=rec, loss=[], acc=[],
-                          seconds=0.0, reach=None, radius=radius, sign=sign, sign_changes=0))
+        state.append(
+            dict(
+                method=method,
+                lr=lr,
+                model=model,
+                opt=opt,
+                drift=drift,
+                rec=rec,
+                loss=[],
+                acc=[],
+                seconds=0.0,
+                reach=None,
+                radius=radius,
+                sign=sign,
+                sign_changes=0,
+            )
+        )
 
     bar = _Progress(steps, progress)
     for step in range(1, steps + 1):
@@ -327,10 +358,19 @@ def _run(config: Dict, runs, record_every, out, plot, progress, verbose) -> Dict
         results.write_text(f"# georeparam demo\n\n{intro}\n\n{table}\n\n{_LEGEND}\n")
         json_path = out / "results.json"
         summary_rows = [{k: v for k, v in r.items() if not k.endswith(("_curve", "_per_step"))} for r in rows]
-        json_path.write_text(json.dumps(
-            {"config": config, "torch": torch.__version__, "wall_seconds": time.perf_counter() - started, "rows": summary_rows},
-            indent=1, allow_nan=True,
-        ) + "\n")
+        json_path.write_text(
+            json.dumps(
+                {
+                    "config": config,
+                    "torch": torch.__version__,
+                    "wall_seconds": time.perf_counter() - started,
+                    "rows": summary_rows,
+                },
+                indent=1,
+                allow_nan=True,
+            )
+            + "\n"
+        )
         if verbose:
             print(f"Saved the table to {results.resolve()} and the numbers to {json_path.resolve()}")
         if plot:
@@ -365,7 +405,15 @@ def _save_figure(state, rows, x, y, path: Path, target: float) -> Path:
         ax = fig.add_subplot(nrows, ncols, i + 1)
         title = f"{s['method']}, lr {s['lr']:g}: test acc {r['test_accuracy']:.3f}, flips {r['flips']}"
         plot_boundaries_2d(
-            s["model"], x, y, ax=ax, layer=s["model"][0], trajectories=s["rec"], resolution=150, boundaries=False, title=title
+            s["model"],
+            x,
+            y,
+            ax=ax,
+            layer=s["model"][0],
+            trajectories=s["rec"],
+            resolution=150,
+            boundaries=False,
+            title=title,
         )
         ax.title.set_fontsize(10)
     k = (nrows - 1) * ncols + 1
@@ -382,8 +430,12 @@ def _save_figure(state, rows, x, y, path: Path, target: float) -> Path:
             if log:
                 v = v.clamp_min(1e-10)
             ax.plot(
-                range(1, len(v) + 1), v.numpy(), color=method_color[r["method"]], ls=styles[lrs.index(r["lr"]) % len(styles)],
-                lw=1.0, label=f"{r['method']} {r['lr']:g}",
+                range(1, len(v) + 1),
+                v.numpy(),
+                color=method_color[r["method"]],
+                ls=styles[lrs.index(r["lr"]) % len(styles)],
+                lw=1.0,
+                label=f"{r['method']} {r['lr']:g}",
             )
         if log:
             ax.set_yscale("log")
@@ -393,7 +445,9 @@ def _save_figure(state, rows, x, y, path: Path, target: float) -> Path:
             ax.legend(fontsize=8, loc="lower right")
         ax.set_xlabel("step")
         ax.set_title(label, fontsize=10)
-    fig.suptitle("Decision boundary (black), hidden units' characteristic points (stars) and their paths (green)", fontsize=11)
+    fig.suptitle(
+        "Decision boundary (black), hidden units' characteristic points (stars) and their paths (green)", fontsize=11
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=75)
     return path
@@ -427,9 +481,13 @@ def help_formatter(prog: str):
 def add_arguments(parser) -> None:
     """The demo's options, on an ``argparse`` parser (``python -m georeparam demo`` uses this)."""
     parser.add_argument("--steps", type=int, default=1000, help="full-batch Adam steps per run (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the data and the shared initial network (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the data and the shared initial network (default: %(default)s)"
+    )
     parser.add_argument("--width", type=int, default=128, help="hidden ReLU units (default: %(default)s)")
-    parser.add_argument("--target", type=float, default=0.95, help="test accuracy for 'steps to target' (default: %(default)s)")
+    parser.add_argument(
+        "--target", type=float, default=0.95, help="test accuracy for 'steps to target' (default: %(default)s)"
+    )
     parser.add_argument(
         "--runs",
         metavar="METHOD:LR,...",
@@ -455,7 +513,9 @@ def check_out(out) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"out (--out) must be a directory that can be created. Got: {str(path)!r} ({e.strerror or e})") from None
+        raise ValueError(
+            f"out (--out) must be a directory that can be created. Got: {str(path)!r} ({e.strerror or e})"
+        ) from None
 
 
 def run_from_args(parser, args) -> int:
@@ -486,6 +546,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """``python -m georeparam demo [options]``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m georeparam demo", description=DESCRIPTION, formatter_class=help_formatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m georeparam demo", description=DESCRIPTION, formatter_class=help_formatter
+    )
     add_arguments(parser)
     return run_from_args(parser, parser.parse_args(argv))

@@ -47,9 +47,23 @@ _NOT_HOMOGENEOUS_METHOD = {"tanh", "sigmoid", "exp", "sin", "cos", "square", "er
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
 _DROPOUT_FN = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
 _AVG_POOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_AVG_POOL_FN = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+_AVG_POOL_FN = {
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+}
 _MAX_POOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_MAX_POOL_FN = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
+_MAX_POOL_FN = {
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+}
 
 
 def describe_node(node, modules) -> str:
@@ -88,15 +102,48 @@ def _kind(node, modules) -> str:
 # Ops after which a unit's output is mixed linearly with other units (it has no activation of its
 # own): the paper's unit is r·(uᵀx + λ) there, in either form. Modules: every layer type of the
 # registry (georeparam.layouts.LAYOUTS) is one.
-_MIXING_FN = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, F.linear, F.scaled_dot_product_attention, F.conv1d, F.conv2d, F.conv3d}
+_MIXING_FN = {
+    operator.matmul,
+    torch.matmul,
+    torch.bmm,
+    torch.einsum,
+    F.linear,
+    F.scaled_dot_product_attention,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+}
 _MIXING_METHODS = {"matmul", "bmm"}
-_NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
-_NORM_FN = {F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.normalize, F.rms_norm} if hasattr(F, "rms_norm") else {
-    F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.normalize}
+_NORM_MODULES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+)
+_NORM_FN = (
+    {F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.normalize, F.rms_norm}
+    if hasattr(F, "rms_norm")
+    else {F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.normalize}
+)
 _ADD_FN = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
 _ADD_METHODS = {"add", "add_", "sub", "sub_"}
-_POOL_DIMS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
-_POOL_FN_DIMS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
+_POOL_DIMS = {
+    nn.AvgPool1d: 1,
+    nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveAvgPool3d: 3,
+}
+_POOL_FN_DIMS = {
+    F.avg_pool1d: 1,
+    F.avg_pool2d: 2,
+    F.avg_pool3d: 3,
+    F.adaptive_avg_pool1d: 1,
+    F.adaptive_avg_pool2d: 2,
+    F.adaptive_avg_pool3d: 3,
+}
 
 
 def _positive_number(v) -> bool:
@@ -142,7 +189,14 @@ def path_op(node, prev, modules, sizes):
     the path, or ``None``.
     """
     E = (up.ELEMENTWISE,)
-    if node.op in ("call_function", "call_method") and node.target in (operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"):
+    if node.op in ("call_function", "call_method") and node.target in (
+        operator.mul,
+        torch.mul,
+        "mul",
+        operator.truediv,
+        torch.div,
+        "div",
+    ):
         if len(node.args) == 2 and not node.kwargs:
             a, b = node.args
             if a is prev and b is not prev and _positive_number(b):
@@ -179,7 +233,9 @@ def path_op(node, prev, modules, sizes):
             return ("transpose", rest[0], rest[1])
         if t is torch.permute:
             dims = _arg(node, 1, "dims", None)
-            return ("permute", tuple(dims)) if isinstance(dims, (tuple, list)) and all(is_int(d) for d in dims) else None
+            return (
+                ("permute", tuple(dims)) if isinstance(dims, (tuple, list)) and all(is_int(d) for d in dims) else None
+            )
         if t is torch.unsqueeze and is_int(_arg(node, 1, "dim", None)):
             return ("unsqueeze", _arg(node, 1, "dim", None))
         if t is torch.squeeze:
@@ -241,7 +297,9 @@ def _split_op(kind, node):
         return None
     if kind == "chunk" and is_int(what) and what > 0:
         return ("chunk", what, dim)
-    if kind == "split" and (is_int(what) and what > 0 or isinstance(what, (tuple, list)) and all(is_int(v) for v in what)):
+    if kind == "split" and (
+        is_int(what) and what > 0 or isinstance(what, (tuple, list)) and all(is_int(v) for v in what)
+    ):
         return ("split", what if is_int(what) else tuple(what), dim)
     return None
 
@@ -278,4 +336,3 @@ def stop_kind(node, prev, modules) -> Tuple[str, str]:
         if node.target in _ADD_METHODS:
             return "other", "a residual add: the unit's output is mixed with another tensor before what follows"
     return "other", "an op the unit axis cannot be followed through"
-

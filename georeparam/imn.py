@@ -50,8 +50,16 @@ from torch import Tensor, nn
 
 from .layouts import entry_of, input_of
 
-__all__ = ["input_mean_norm", "InputMeanNorm", "has_input_mean_norm", "fold_input_mean_norm", "is_foldable", "output_mean_norm",
-           "has_output_mean_norm", "OFFICIAL_MOMENTUM"]
+__all__ = [
+    "input_mean_norm",
+    "InputMeanNorm",
+    "has_input_mean_norm",
+    "fold_input_mean_norm",
+    "is_foldable",
+    "output_mean_norm",
+    "has_output_mean_norm",
+    "OFFICIAL_MOMENTUM",
+]
 
 _ATTR = "imn"
 _OUT_ATTR = "omn"
@@ -130,7 +138,9 @@ def _imn_pre_hook(module: nn.Module, args: Tuple) -> Tuple:
 def _input(module: nn.Module) -> Tuple[int, int]:
     """``(number of input features, dim)`` (:func:`georeparam.layouts.input_of`); lazy modules refused."""
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-        raise ValueError(f"input_mean_norm: {type(module).__name__} is not initialized yet (lazy module). Got: {module!r}")
+        raise ValueError(
+            f"input_mean_norm: {type(module).__name__} is not initialized yet (lazy module). Got: {module!r}"
+        )
     return input_of(module)
 
 
@@ -152,9 +162,13 @@ def check_input_mean_norm(module: nn.Module, what: str = "input_mean_norm") -> N
         raise TypeError(f"{what} expects an nn.Module. Got: {type(module).__name__}")
     _input(module)
     if has_input_mean_norm(module):
-        raise ValueError(f"{what}: {type(module).__name__} already has an input mean normalization. Got: {module.imn!r}")
+        raise ValueError(
+            f"{what}: {type(module).__name__} already has an input mean normalization. Got: {module.imn!r}"
+        )
     if hasattr(module, _ATTR):
-        raise ValueError(f"{what}: {type(module).__name__} already has an attribute {_ATTR!r}. Got: {getattr(module, _ATTR)!r}")
+        raise ValueError(
+            f"{what}: {type(module).__name__} already has an attribute {_ATTR!r}. Got: {getattr(module, _ATTR)!r}"
+        )
 
 
 def input_mean_norm(module: nn.Module, momentum: float = 0.1) -> nn.Module:
@@ -247,7 +261,9 @@ def fold_input_mean_norm(module: nn.Module) -> bool:
         True
     """
     if not has_input_mean_norm(module):
-        raise ValueError(f"fold_input_mean_norm: {type(module).__name__} has no input mean normalization. Got: {module!r}")
+        raise ValueError(
+            f"fold_input_mean_norm: {type(module).__name__} has no input mean normalization. Got: {module!r}"
+        )
     if not isinstance(module._parameters.get("weight", None), nn.Parameter):
         raise ValueError(
             f"fold_input_mean_norm: {type(module).__name__}.weight must be a plain Parameter (remove GmP first). "
@@ -264,7 +280,9 @@ def fold_input_mean_norm(module: nn.Module) -> bool:
             module.bias = nn.Parameter((-shift).to(weight.dtype), requires_grad=weight.requires_grad)
         else:
             if not isinstance(bias, nn.Parameter):
-                raise ValueError(f"fold_input_mean_norm: {type(module).__name__}.bias must be a plain Parameter. Got: {type(bias).__name__}")
+                raise ValueError(
+                    f"fold_input_mean_norm: {type(module).__name__}.bias must be a plain Parameter. Got: {type(bias).__name__}"
+                )
             bias.copy_((bias.to(torch.float64) - shift).to(bias.dtype))
     _remove(module)
     return True
@@ -277,11 +295,14 @@ def _omn_hook(module: nn.Module, args: Tuple, output: Tensor) -> Tensor:
 
 def has_output_mean_norm(module: nn.Module) -> bool:
     """Whether ``module`` carries an output mean normalization (:func:`output_mean_norm`)."""
-    return isinstance(getattr(module, _OUT_ATTR, None), InputMeanNorm) and any(h is _omn_hook for h in module._forward_hooks.values())
+    return isinstance(getattr(module, _OUT_ATTR, None), InputMeanNorm) and any(
+        h is _omn_hook for h in module._forward_hooks.values()
+    )
 
 
-def output_mean_norm(module: nn.Module, num_features: int, *, dim: int = -1, momentum: float = OFFICIAL_MOMENTUM, dtype=None,
-                     device=None) -> nn.Module:
+def output_mean_norm(
+    module: nn.Module, num_features: int, *, dim: int = -1, momentum: float = OFFICIAL_MOMENTUM, dtype=None, device=None
+) -> nn.Module:
     r"""Centre ``module``'s *output* per feature: the official ``gmp_mn`` placement.
 
     Adds an :class:`InputMeanNorm` submodule ``module.omn`` (``running_mean`` in ``state_dict``)
@@ -311,7 +332,9 @@ def output_mean_norm(module: nn.Module, num_features: int, *, dim: int = -1, mom
     if not isinstance(module, nn.Module):
         raise TypeError(f"output_mean_norm expects an nn.Module. Got: {type(module).__name__}")
     if hasattr(module, _OUT_ATTR):
-        raise ValueError(f"output_mean_norm: {type(module).__name__} already has an attribute {_OUT_ATTR!r}. Got: {getattr(module, _OUT_ATTR)!r}")
+        raise ValueError(
+            f"output_mean_norm: {type(module).__name__} already has an attribute {_OUT_ATTR!r}. Got: {getattr(module, _OUT_ATTR)!r}"
+        )
     _check_momentum(momentum)
     ref = next(iter(module.parameters()), None)
     dtype = dtype if dtype is not None else (None if ref is None else ref.dtype)

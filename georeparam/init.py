@@ -97,7 +97,9 @@ def official_bound(param: GeometricWeight) -> float:
 def _official(param: GeometricWeight, dtype: torch.dtype, device: torch.device, generator, sign_loss: bool) -> Tensor:
     # drawn in the layer's own shape like torch.nn.init (for Linear: xavier_uniform_'s very values)
     a = official_bound(param)
-    w = param.to_units(torch.empty(param.shape, dtype=dtype, device=device).uniform_(-a, a, generator=generator)).clone()
+    w = param.to_units(
+        torch.empty(param.shape, dtype=dtype, device=device).uniform_(-a, a, generator=generator)
+    ).clone()
     if sign_loss and param.fan_in >= 2:
         w[:, -1] = w[:, -1].abs()
     return w
@@ -113,7 +115,9 @@ def _cartesian(scheme: str, param: GeometricWeight, dtype: torch.dtype, device: 
     return param.to_units(w)
 
 
-def _sphere(param: GeometricWeight, radius: float, dtype: torch.dtype, device: torch.device, generator) -> Tuple[Tensor, Tensor]:
+def _sphere(
+    param: GeometricWeight, radius: float, dtype: torch.dtype, device: torch.device, generator
+) -> Tuple[Tensor, Tensor]:
     """Uniform directions (normalized Gaussians) with radius ``radius``: ``(radius, angles)``."""
     z = torch.randn(param.units, param.fan_in, dtype=dtype, device=device, generator=generator)
     r, angles = to_hyperspherical(z)
@@ -194,12 +198,18 @@ def init_geometric_(
                 f"init_geometric_: radius is only used by scheme='uniform_sphere' (the Cartesian schemes "
                 f"take the sampled norm). Got: radius={radius!r} with scheme={scheme!r}"
             )
-        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not (math.isfinite(radius) and radius > 0):
+        if (
+            isinstance(radius, bool)
+            or not isinstance(radius, (int, float))
+            or not (math.isfinite(radius) and radius > 0)
+        ):
             raise ValueError(f"init_geometric_: radius must be a positive finite number. Got: {radius!r}")
     if not isinstance(sign_loss, bool):
         raise TypeError(f"init_geometric_: sign_loss must be a bool. Got: {sign_loss!r}")
     if sign_loss and scheme != "official":
-        raise ValueError(f"init_geometric_: sign_loss reproduces the official draw; it needs scheme='official'. Got: sign_loss=True with scheme={scheme!r}")
+        raise ValueError(
+            f"init_geometric_: sign_loss reproduces the official draw; it needs scheme='official'. Got: sign_loss=True with scheme={scheme!r}"
+        )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"init_geometric_: generator must be a torch.Generator. Got: {type(generator).__name__}")
     targets = geometric_layers(model_or_module)

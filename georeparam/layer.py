@@ -46,6 +46,7 @@ __all__ = [
     "remove_one",
 ]
 
+
 class Geometry(NamedTuple):
     """The live Parameters of a GmP layer (``geometry(layer)``).
 
@@ -95,9 +96,7 @@ def geometric_entry(module: nn.Module, name: Optional[str]) -> Tuple[str, Geomet
     for n, p in entries:
         if n == name:
             return n, p
-    raise ValueError(
-        f"{type(module).__name__}.{name} is not GmP-registered. Got: registered {[n for n, _ in entries]}"
-    )
+    raise ValueError(f"{type(module).__name__}.{name} is not GmP-registered. Got: registered {[n for n, _ in entries]}")
 
 
 def geometry(module: nn.Module, name: Optional[str] = None) -> Geometry:
@@ -178,7 +177,9 @@ def _layout(module: nn.Module, weight: Tensor) -> GeometricWeight:
     return GeometricWeight(layout_of(module, weight=weight))
 
 
-def geometric(module: nn.Module, name: str = "weight", *, bias: Optional[str] = "bias", mode: str = "exact") -> nn.Module:
+def geometric(
+    module: nn.Module, name: str = "weight", *, bias: Optional[str] = "bias", mode: str = "exact"
+) -> nn.Module:
     r"""Register Geometric Parameterization on ``module.<name>`` (and its bias).
 
     Writes each unit (output neuron) as ``w = r·u(θ)`` and ``b = r·λ``. The coordinates are
@@ -237,7 +238,9 @@ def register_validated(module: nn.Module, name: str, bias: Optional[str], mode: 
     # would still change in training. A frozen bias is left a plain Parameter (the same object):
     # the unit is r·u(θ)ᵀx + b (|r|·u(θ)ᵀx + b in the paper's form), b does not move, and remove
     # leaves it untouched.
-    has_bias = bias is not None and module._parameters.get(bias, None) is not None and module._parameters[bias].requires_grad
+    has_bias = (
+        bias is not None and module._parameters.get(bias, None) is not None and module._parameters[bias].requires_grad
+    )
     original_bias = module._parameters[bias] if has_bias else None
     # the memory format and the parameter order are restored by remove (optimizer state follows the order)
     param = GeometricWeight(
@@ -265,7 +268,10 @@ def register_validated(module: nn.Module, name: str, bias: Optional[str], mode: 
         module._parameters[name] = original_weight
         _restore_order(module._parameters, param.parameter_order)
         raise
-    retire((p, f"{class_name(module)}.{n} (replaced by register)") for p, n in ((original_weight, name), (original_bias, bias)))
+    retire(
+        (p, f"{class_name(module)}.{n} (replaced by register)")
+        for p, n in ((original_weight, name), (original_bias, bias))
+    )
 
 
 def _memory_format(weight: Tensor) -> torch.memory_format:
@@ -284,7 +290,9 @@ def own_class(module: nn.Module) -> None:
     # every other module sharing it (an EMA copy, say). Removing from a private clone of the
     # class keeps the others intact; its base is still the original class that gets restored.
     cls = module.__class__
-    clone = type(cls.__name__, cls.__bases__, {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+    clone = type(
+        cls.__name__, cls.__bases__, {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    )
     module.__class__ = clone
 
 
@@ -353,4 +361,6 @@ def _load_plain_state(module, state_dict, prefix, local_metadata, strict, missin
             for name in (wname, param.bias_name):
                 if name is not None:
                     state_dict.pop(prefix + name, None)
-                    state_dict.update(module.parametrizations[name].state_dict(prefix=f"{prefix}parametrizations.{name}."))
+                    state_dict.update(
+                        module.parametrizations[name].state_dict(prefix=f"{prefix}parametrizations.{name}.")
+                    )

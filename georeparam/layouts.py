@@ -47,8 +47,19 @@ from torch import Tensor, nn
 
 from ._util import class_name
 
-__all__ = ["Layout", "Entry", "LAYOUTS", "SUPPORTED", "layout_of", "is_supported", "entry_of", "weight_names", "supported_names",
-           "input_of", "has_input"]
+__all__ = [
+    "Layout",
+    "Entry",
+    "LAYOUTS",
+    "SUPPORTED",
+    "layout_of",
+    "is_supported",
+    "entry_of",
+    "weight_names",
+    "supported_names",
+    "input_of",
+    "has_input",
+]
 
 
 class Layout:
@@ -56,7 +67,9 @@ class Layout:
 
     __slots__ = ("shape", "units", "fan_in", "channel_dim", "transposed", "groups", "columns")
 
-    def __init__(self, shape, *, channel_dim: int = -1, transposed: bool = False, groups: int = 1, columns: bool = False):
+    def __init__(
+        self, shape, *, channel_dim: int = -1, transposed: bool = False, groups: int = 1, columns: bool = False
+    ):
         self.shape = torch.Size(shape)
         self.channel_dim = int(channel_dim)
         self.transposed = bool(transposed)
@@ -135,7 +148,17 @@ class Entry:
       where it cannot. ``flattened_columns``: whether it can take flattened units at all.
     """
 
-    __slots__ = ("weights", "layout", "inside", "unit_axis", "inputs", "foldable", "shift", "columns", "flattened_columns")
+    __slots__ = (
+        "weights",
+        "layout",
+        "inside",
+        "unit_axis",
+        "inputs",
+        "foldable",
+        "shift",
+        "columns",
+        "flattened_columns",
+    )
 
     def __init__(self, weights, layout, inside: bool = False, *, unit_axis=None, inputs=None, foldable=None, shift=None,
                  columns=None, flattened_columns: bool = False):  # fmt: skip
@@ -330,5 +353,7 @@ def supported_names(inside: bool = True) -> str:
     """The supported layer types, for messages; ``inside=False`` leaves out those whose units do
     not feed an activation of their own (:attr:`Entry.inside`: attention's projections)."""
     return ", ".join(
-        k.__name__ if isinstance(k, type) else k.rsplit(".", 1)[-1] for k, e in LAYOUTS.items() if inside or not e.inside
+        k.__name__ if isinstance(k, type) else k.rsplit(".", 1)[-1]
+        for k, e in LAYOUTS.items()
+        if inside or not e.inside
     )

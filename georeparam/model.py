@@ -109,8 +109,14 @@ def register(
     check_mode(mode)
     if form not in FORMS:
         raise ValueError(f"register: form must be one of {FORMS}. Got: {form!r}")
-    modules = {q: m for q, m in model.named_modules() if not (".parametrizations." in f".{q}." or q.endswith("parametrizations"))}
-    inc = Selector(include, "include", "register").bind(modules)  # names, suffixes, globs, regexes, types: georeparam.selection
+    modules = {
+        q: m
+        for q, m in model.named_modules()
+        if not (".parametrizations." in f".{q}." or q.endswith("parametrizations"))
+    }
+    inc = Selector(include, "include", "register").bind(
+        modules
+    )  # names, suffixes, globs, regexes, types: georeparam.selection
     exc = Selector(exclude, "exclude", "register").bind(modules)
     tied = _tied(model)
     chosen, entries = [], {}
@@ -119,7 +125,9 @@ def register(
         supported = is_supported(m)
         # names and types ask for a layer (an unsupported one is an error below); suffixes,
         # patterns and regexes pick the supported layers among what they match
-        selected = (inc.explicit(qname, m) or (supported and inc.matches(qname, m))) if include is not None else supported
+        selected = (
+            (inc.explicit(qname, m) or (supported and inc.matches(qname, m))) if include is not None else supported
+        )
         own = {n: p for n, p in m._parameters.items() if p is not None}
         if not selected:
             if supported or any(p.dim() >= 2 for p in own.values()):
@@ -130,14 +138,24 @@ def register(
             entries[qname] = LayerReport(qname, kind, None, why="excluded")
             continue
         already = _selection.foreign_parametrization(m, lambda p: isinstance(p, (GeometricWeight, GeometricBias)))
-        if not already and qname.endswith("base_layer") and _selection.is_peft_tuner_layer(modules.get(qname.rpartition(".")[0])):
+        if (
+            not already
+            and qname.endswith("base_layer")
+            and _selection.is_peft_tuner_layer(modules.get(qname.rpartition(".")[0]))
+        ):
             already = _selection.PEFT_BASE
         if already:
             entries[qname] = LayerReport(qname, kind, None, why=already)
             continue
-        shared = [f"{n} with {', '.join(x for x in tied[id(p)] if x != (f'{qname}.{n}' if qname else n))}" for n, p in own.items() if id(p) in tied]
+        shared = [
+            f"{n} with {', '.join(x for x in tied[id(p)] if x != (f'{qname}.{n}' if qname else n))}"
+            for n, p in own.items()
+            if id(p) in tied
+        ]
         if shared:
-            entries[qname] = LayerReport(qname, kind, None, why=f"tied: {'; '.join(shared)} (one set of coordinates each would untie them)")
+            entries[qname] = LayerReport(
+                qname, kind, None, why=f"tied: {'; '.join(shared)} (one set of coordinates each would untie them)"
+            )
             continue
         chosen.append((qname, m))
     for qname, m in chosen:

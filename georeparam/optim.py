@@ -304,7 +304,14 @@ class GeometricOptimizer(torch.optim.Optimizer):
         (True, 0.075)
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, every: int = 1, parity: Optional[Dict[str, str]] = None):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        *,
+        every: int = 1,
+        parity: Optional[Dict[str, str]] = None,
+    ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"GeometricOptimizer wraps a torch.optim.Optimizer. Got: {type(optimizer).__name__}")
         if isinstance(optimizer, GeometricOptimizer):

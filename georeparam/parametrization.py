@@ -44,7 +44,11 @@ class GeometricWeight(nn.Module):
         super().__init__()
         check_mode(mode)
         install_cast_guard()
-        self.layout = shape if isinstance(shape, Layout) else Layout(shape, channel_dim=channel_dim, transposed=transposed, groups=groups)
+        self.layout = (
+            shape
+            if isinstance(shape, Layout)
+            else Layout(shape, channel_dim=channel_dim, transposed=transposed, groups=groups)
+        )
         self.mode = mode
         self.sign_after = bool(sign_after)
         if self.sign_after and self.layout.fan_in == 1:  # Note [The official 1-D unit] (set by right_inverse)
@@ -59,8 +63,15 @@ class GeometricWeight(nn.Module):
         #: the :class:`georeparam.signs.SignHook` carrying sign(r), in the paper's form
         self.sign_hook = None
 
-    def bind(self, layer: nn.Module, weight_name: str, bias_name: Optional[str] = None, *,
-             load_hook_id: Optional[int] = None, form_hook_id: Optional[int] = None) -> None:
+    def bind(
+        self,
+        layer: nn.Module,
+        weight_name: str,
+        bias_name: Optional[str] = None,
+        *,
+        load_hook_id: Optional[int] = None,
+        form_hook_id: Optional[int] = None,
+    ) -> None:
         """Attach this map to ``layer.<weight_name>`` once torch's parametrize has registered it
         (from then on ``right_inverse`` is an assignment: Note [Assigning the weight]).
 
@@ -77,9 +88,16 @@ class GeometricWeight(nn.Module):
     # getattr with defaults: maps pickled before these existed load too
     layer = property(lambda self: getattr(self, "_layer", None), doc="The layer :meth:`bind` attached, or ``None``.")
     weight_name = property(lambda self: getattr(self, "_weight_name", None), doc="The weight's name on :attr:`layer`.")
-    bias_name = property(lambda self: getattr(self, "_bias_name", None), doc="The name of the layer's GmP bias (``b = r·λ``), or ``None``.")
-    load_hook_id = property(lambda self: getattr(self, "_hook_handle_id", None), doc="The id of the layer's plain-checkpoint load pre-hook.")
-    form_hook_id = property(lambda self: getattr(self, "_form_hook_id", None), doc="The id of the layer's form ``state_dict`` hook.")
+    bias_name = property(
+        lambda self: getattr(self, "_bias_name", None),
+        doc="The name of the layer's GmP bias (``b = r·λ``), or ``None``.",
+    )
+    load_hook_id = property(
+        lambda self: getattr(self, "_hook_handle_id", None), doc="The id of the layer's plain-checkpoint load pre-hook."
+    )
+    form_hook_id = property(
+        lambda self: getattr(self, "_form_hook_id", None), doc="The id of the layer's form ``state_dict`` hook."
+    )
     parameter_order = property(
         lambda self: list(getattr(self, "_parameter_order", [])),
         doc="The layer's ``_parameters`` names before registration (``remove`` restores that order).",

@@ -80,7 +80,9 @@ class Part:
         self.consumer, self.bake, self.stays = consumer, bake, stays
 
     def __repr__(self) -> str:
-        return f"Part(host={self.host!r}, pre={self.pre}, ops={self.ops}, units={self.units}, consumer={self.consumer!r})"
+        return (
+            f"Part(host={self.host!r}, pre={self.pre}, ops={self.ops}, units={self.units}, consumer={self.consumer!r})"
+        )
 
 
 class Placement:
@@ -124,6 +126,7 @@ def _linear(where: str) -> Placement:
 
 def _weight(why: str) -> Placement:
     return Placement("weight", why=why)
+
 
 class _Tracer(torch.fx.Tracer):
     def __init__(self, leaves):
@@ -262,18 +265,31 @@ class _Scope:
 
         def sizes(n):
             # x.size(k) / x.shape[k] of a tensor on the path: read at run time
-            if n.op == "call_method" and n.target == "size" and len(n.args) == 2 and n.args[0] in steps and is_int(n.args[1]):
+            if (
+                n.op == "call_method"
+                and n.target == "size"
+                and len(n.args) == 2
+                and n.args[0] in steps
+                and is_int(n.args[1])
+            ):
                 return ("dim", steps[n.args[0]], n.args[1])
             if n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2 and is_int(n.args[1]):
                 g = n.args[0]
-                if isinstance(g, torch.fx.Node) and g.op == "call_function" and g.target is getattr and g.args[0] in steps:
+                if (
+                    isinstance(g, torch.fx.Node)
+                    and g.op == "call_function"
+                    and g.target is getattr
+                    and g.args[0] in steps
+                ):
                     return ("dim", steps[g.args[0]], n.args[1])
             return None
 
         op = path_op(u, node, self.modules, sizes)
         if op is not None and op[0] in ("chunk", "split"):
             parts = list(u.users)
-            if not parts or any(p.op != "call_function" or p.target is not operator.getitem or not is_int(p.args[1]) for p in parts):
+            if not parts or any(
+                p.op != "call_function" or p.target is not operator.getitem or not is_int(p.args[1]) for p in parts
+            ):
                 ends.append(("weight", f"output is {self.describe(u)}, and its parts are not taken one by one"))
                 return
             for p in parts:
@@ -295,16 +311,25 @@ class _Scope:
             return
         if u.op == "output":
             if self.prefix:
-                ends.append(("weight", f"its output leaves {self.prefix} ({type(self.root).__name__}); what follows could not be traced"))
+                ends.append(
+                    (
+                        "weight",
+                        f"its output leaves {self.prefix} ({type(self.root).__name__}); what follows could not be traced",
+                    )
+                )
             else:
                 ends.append(("linear", "no activation follows (the model's output)"))
             return
         kind, why = stop_kind(u, node, self.modules)
         if kind == "not homogeneous":
-            ends.append(("weight", f"followed by {self.describe(u)}, not positively homogeneous: computes f(r·(uᵀx+λ))"))
+            ends.append(
+                ("weight", f"followed by {self.describe(u)}, not positively homogeneous: computes f(r·(uᵀx+λ))")
+            )
         elif kind == "homogeneous":
             if not first_only(u, node):
-                ends.append(("weight", f"the activation {self.describe(u)} does not take the units as its only tensor input"))
+                ends.append(
+                    ("weight", f"the activation {self.describe(u)} does not take the units as its only tensor input")
+                )
             else:
                 ends.append(("act", u, ops, st))
         elif kind == "mixing":

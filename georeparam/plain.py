@@ -81,11 +81,18 @@ def plain_state_dict(model: nn.Module) -> Dict[str, Tensor]:
             if bool((s[lo:hi] > 0).all()):
                 continue
             new = None
-            if hook.consumer is not None and id(hook.consumer) in names and is_supported(hook.consumer) and (lo, hi) == (0, s.numel()):
+            if (
+                hook.consumer is not None
+                and id(hook.consumer) in names
+                and is_supported(hook.consumer)
+                and (lo, hi) == (0, s.numel())
+            ):
                 key = f"{names[id(hook.consumer)]}.weight".lstrip(".")
                 new = _signs.column_signs(hook.consumer, sd[key], s, hook.flattened, hook.channel_dim)
             if new is None:
-                stuck.append(f"{names.get(id(hook.layer), '?')} ({int((s[lo:hi] < 0).sum())} units with r < 0, sign at {names.get(id(hook.host), '?')})")
+                stuck.append(
+                    f"{names.get(id(hook.layer), '?')} ({int((s[lo:hi] < 0).sum())} units with r < 0, sign at {names.get(id(hook.host), '?')})"
+                )
                 continue
             sd[key] = new
         if stuck:

@@ -111,7 +111,9 @@ def plot_boundaries_2d(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module. Got: {type(model).__name__}")
     if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != 2:
-        raise ValueError(f"x must be an (N, 2) tensor. Got: {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        raise ValueError(
+            f"x must be an (N, 2) tensor. Got: {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+        )
     ax = _figure(ax)
     if layer is None:
         layer = _default_input_layer(model, 2)
@@ -119,7 +121,9 @@ def plot_boundaries_2d(
         characteristic_points(layer)  # validates
     points, directions = characteristic_points(layer)
     if points.shape[1] != 2:
-        raise ValueError(f"layer must have fan-in 2 to draw its boundaries in the data plane. Got: fan-in {points.shape[1]}")
+        raise ValueError(
+            f"layer must have fan-in 2 to draw its boundaries in the data plane. Got: fan-in {points.shape[1]}"
+        )
 
     xc = x.detach().to("cpu", torch.float64)
     lo, hi = xc.min(0).values, xc.max(0).values
@@ -147,12 +151,22 @@ def plot_boundaries_2d(
         ax.contour(mx.numpy(), my.numpy(), sc, levels=[0.0], colors="k", linewidths=1.5)
     elif out.dim() == 2:
         regions = out.argmax(1).to(torch.float64)
-        ax.contourf(mx.numpy(), my.numpy(), regions.reshape(mx.shape).numpy(), levels=out.shape[1], cmap="tab10", alpha=0.3)
+        ax.contourf(
+            mx.numpy(), my.numpy(), regions.reshape(mx.shape).numpy(), levels=out.shape[1], cmap="tab10", alpha=0.3
+        )
     else:
         raise ValueError(f"model output must be (N,), (N, 1) or (N, C). Got: {tuple(out.shape)}")
 
     if y is not None:
-        ax.scatter(xc[:, 0].numpy(), xc[:, 1].numpy(), c=y.detach().cpu().numpy(), cmap="RdBu_r", s=6, alpha=0.6, edgecolors="none")
+        ax.scatter(
+            xc[:, 0].numpy(),
+            xc[:, 1].numpy(),
+            c=y.detach().cpu().numpy(),
+            cmap="RdBu_r",
+            s=6,
+            alpha=0.6,
+            edgecolors="none",
+        )
     else:
         ax.scatter(xc[:, 0].numpy(), xc[:, 1].numpy(), s=6, c="0.3", alpha=0.6, edgecolors="none")
 
@@ -173,7 +187,17 @@ def plot_boundaries_2d(
             t = torch.tensor([-dirs[k, 1], dirs[k, 0]], dtype=torch.float64)  # along the line
             a, c = pts[k] - 2 * diag * t, pts[k] + 2 * diag * t
             ax.plot([float(a[0]), float(c[0])], [float(a[1]), float(c[1])], color="0.35", lw=0.4, alpha=0.3)
-    ax.scatter(pts[:, 0].numpy(), pts[:, 1].numpy(), marker="*", s=40, color="gold", edgecolors="k", linewidths=0.5, zorder=5, label="characteristic points")
+    ax.scatter(
+        pts[:, 0].numpy(),
+        pts[:, 1].numpy(),
+        marker="*",
+        s=40,
+        color="gold",
+        edgecolors="k",
+        linewidths=0.5,
+        zorder=5,
+        label="characteristic points",
+    )
     ax.set_xlim(float(lo[0]), float(hi[0]))
     ax.set_ylim(float(lo[1]), float(hi[1]))
     ax.set_aspect("equal", adjustable="box")
@@ -184,7 +208,14 @@ def plot_boundaries_2d(
     return ax
 
 
-def plot_points_1d(history, ax=None, *, steps: Optional[Sequence[int]] = None, x_range: Optional[Tuple[float, float]] = None, title: Optional[str] = None):
+def plot_points_1d(
+    history,
+    ax=None,
+    *,
+    steps: Optional[Sequence[int]] = None,
+    x_range: Optional[Tuple[float, float]] = None,
+    title: Optional[str] = None,
+):
     r"""Evolution of a 1-D layer's characteristic points over training (one line per unit).
 
     Args:
@@ -209,7 +240,9 @@ def plot_points_1d(history, ax=None, *, steps: Optional[Sequence[int]] = None, x
             raise ValueError(f"plot_points_1d needs fan-in 1 points. Got: history of shape {tuple(hist.shape)}")
         hist = hist[:, :, 0]
     if hist.dim() != 2 or hist.shape[0] == 0:
-        raise ValueError(f"history must be (records, units) or (records, units, 1), non-empty. Got: {tuple(hist.shape)}")
+        raise ValueError(
+            f"history must be (records, units) or (records, units, 1), non-empty. Got: {tuple(hist.shape)}"
+        )
     t = torch.arange(hist.shape[0]) if steps is None else torch.as_tensor(list(steps))
     if t.numel() != hist.shape[0]:
         raise ValueError(f"steps must give one step per record ({hist.shape[0]}). Got: {t.numel()}")

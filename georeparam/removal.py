@@ -17,6 +17,7 @@ from .layer import is_geometric, orphan_biases, own_class, remove_one
 
 __all__ = ["remove"]
 
+
 def remove(model_or_module: nn.Module) -> nn.Module:
     r"""Bake every GmP layer's current ``w`` and ``b`` back into plain Parameters.
 

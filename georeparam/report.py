@@ -125,7 +125,9 @@ class Report(Sequence):
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [head] + ["  " + "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
         if notes:
-            lines += ["  a sign with r < 0 stays as a small module at georeparam.remove (no plain layer holds it):"] + notes
+            lines += [
+                "  a sign with r < 0 stays as a small module at georeparam.remove (no plain layer holds it):"
+            ] + notes
         return "\n".join(line.rstrip() for line in lines)
 
     def __repr__(self) -> str:

@@ -93,14 +93,22 @@ class Selector:
                 )
         for p in self.patterns:
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
-                raise ValueError(f"{self.what}: {self.argname} pattern {p!r} matches no module. Got: modules {sorted(present)[:20]}")
+                raise ValueError(
+                    f"{self.what}: {self.argname} pattern {p!r} matches no module. Got: modules {sorted(present)[:20]}"
+                )
         for r in self.regexes:
             if not any(r.fullmatch(n) for n in names):
-                raise ValueError(f"{self.what}: {self.argname} regex {r.pattern!r} matches no module. Got: modules {sorted(present)[:20]}")
+                raise ValueError(
+                    f"{self.what}: {self.argname} regex {r.pattern!r} matches no module. Got: modules {sorted(present)[:20]}"
+                )
         return self
 
     def explicit(self, name: str, module: nn.Module) -> bool:
-        return name in self._exact or (bool(self.types) and isinstance(module, self.types)) or any(module is m for m in self.modules)
+        return (
+            name in self._exact
+            or (bool(self.types) and isinstance(module, self.types))
+            or any(module is m for m in self.modules)
+        )
 
     def matches(self, name: str, module: nn.Module) -> bool:
         if self.empty:
@@ -135,7 +143,9 @@ def foreign_parametrization(module: nn.Module, is_own) -> str:
     for hook in module._forward_pre_hooks.values():
         cls = type(hook)
         if cls.__module__.startswith("torch.nn.utils") and cls.__name__ in ("WeightNorm", "SpectralNorm"):
-            found.append(f"{getattr(hook, 'name', 'weight')} by the hook-based torch.nn.utils.{cls.__name__.lower().replace('norm', '_norm')}")
+            found.append(
+                f"{getattr(hook, 'name', 'weight')} by the hook-based torch.nn.utils.{cls.__name__.lower().replace('norm', '_norm')}"
+            )
     if not found:
         return ""
     return (

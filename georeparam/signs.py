@@ -36,7 +36,20 @@ from .layouts import Layout, entry_of, is_supported, layout_of
 from . import unitpath as up
 from .placement import Placement
 
-__all__ = ["SignHook", "SignGroup", "UnitSign", "CallSign", "RecordShape", "apply_sign", "unit_sign", "attach", "bake", "column_signs", "live_hooks", "detach"]
+__all__ = [
+    "SignHook",
+    "SignGroup",
+    "UnitSign",
+    "CallSign",
+    "RecordShape",
+    "apply_sign",
+    "unit_sign",
+    "attach",
+    "bake",
+    "column_signs",
+    "live_hooks",
+    "detach",
+]
 
 
 def unit_sign(radius: Tensor) -> Tensor:
@@ -69,12 +82,12 @@ def apply_sign(x: Tensor, s: Tensor, axis: int, ops, span, shape) -> Tensor:
         sub = s[lo:hi]
         size = x.shape[dim]
         if size != sub.numel():
-            raise RuntimeError(
-                f"GmP sign: expected {sub.numel()} units along dim {dim}. Got: shape {tuple(x.shape)}"
-            )
+            raise RuntimeError(f"GmP sign: expected {sub.numel()} units along dim {dim}. Got: shape {tuple(x.shape)}")
         return x * sub.reshape((size,) + (1,) * (x.dim() - dim - 1))
     if shape is None:
-        raise RuntimeError("GmP sign: the layer's output shape was not recorded (was the layer called before its activation?)")
+        raise RuntimeError(
+            "GmP sign: the layer's output shape was not recorded (was the layer called before its activation?)"
+        )
     try:
         st = up.follow(shape, axis, s.numel(), ops)
     except up.Lost as e:

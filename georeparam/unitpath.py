@@ -29,7 +29,18 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 from torch import Tensor
 
-__all__ = ["UnitAxes", "Lost", "start", "step", "follow", "broadcast", "probe_shape", "standard", "is_trivial", "ELEMENTWISE"]
+__all__ = [
+    "UnitAxes",
+    "Lost",
+    "start",
+    "step",
+    "follow",
+    "broadcast",
+    "probe_shape",
+    "standard",
+    "is_trivial",
+    "ELEMENTWISE",
+]
 
 #: op tags that change neither shape nor unit position
 ELEMENTWISE = "same"
@@ -244,4 +255,3 @@ def standard(st: UnitAxes, units: int) -> Optional[Tuple[int, bool]]:
 def is_trivial(ops: Sequence[tuple]) -> bool:
     """Whether ``ops`` leave shape and unit axis as they were (the sign needs no shapes)."""
     return all(op[0] == ELEMENTWISE or op[0] == "pool" for op in ops)
-

@@ -26,9 +26,7 @@ KINDS = ("adam", "gmp")
 
 def make_model(init_seed: int) -> nn.Module:
     torch.manual_seed(init_seed)
-    model = nn.Sequential(
-        nn.Linear(6, 24), nn.GELU(), nn.Dropout(0.2), nn.Linear(24, 12), nn.ReLU(), nn.Linear(12, 3)
-    )
+    model = nn.Sequential(nn.Linear(6, 24), nn.GELU(), nn.Dropout(0.2), nn.Linear(24, 12), nn.ReLU(), nn.Linear(12, 3))
     georeparam.register(model, exclude=["5"])
     return model
 
@@ -109,7 +107,9 @@ def main() -> None:
             )
         for kind in KINDS:  # interleaved, so both runs draw dropout masks from one stream
             step(*runs[kind][:3], x, y, runs[kind][3])
-    torch.save({kind: {"model": m.state_dict(), "optimizer": o.state_dict()} for kind, (m, o, _, _) in runs.items()}, args.out)
+    torch.save(
+        {kind: {"model": m.state_dict(), "optimizer": o.state_dict()} for kind, (m, o, _, _) in runs.items()}, args.out
+    )
 
 
 if __name__ == "__main__":

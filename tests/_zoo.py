@@ -132,7 +132,11 @@ class InvertedResidual(nn.Module):
     def __init__(self, c, expand, se: bool):
         super().__init__()
         layers = [nn.Conv2d(c, expand, 1, bias=False), nn.BatchNorm2d(expand), nn.ReLU()]
-        layers += [nn.Conv2d(expand, expand, 3, padding=1, groups=expand, bias=False), nn.BatchNorm2d(expand), nn.ReLU()]
+        layers += [
+            nn.Conv2d(expand, expand, 3, padding=1, groups=expand, bias=False),
+            nn.BatchNorm2d(expand),
+            nn.ReLU(),
+        ]
         if se:
             layers.append(SqueezeExcite(expand, 8))
         layers += [nn.Conv2d(expand, c, 1, bias=False), nn.BatchNorm2d(c)]
@@ -259,7 +263,11 @@ def make(name: str, seed: int = 0):
     build, shape = ZOO[name]
     torch.manual_seed(seed)
     model = build().double().eval()
-    x = _ids(2, 6) if shape == "ids" else torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    x = (
+        _ids(2, 6)
+        if shape == "ids"
+        else torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    )
     return model, x
 
 

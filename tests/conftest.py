@@ -73,7 +73,9 @@ def transformers_or_skip():
 def tiny_gpt2():
     """A one-layer GPT-2 of width 16 (needs ``transformers``), in eval mode."""
     transformers = transformers_or_skip()
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=12, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=12, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 

@@ -33,7 +33,6 @@ MAP_OPS = {"cos", "sin", "cumprod", "atan2"}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-
 class _RecordDtypes(TorchDispatchMode):
     """Records (op name, input dtypes) of every aten op, as seen *after* autocast's casts."""
 
@@ -115,8 +114,12 @@ def test_autocast_gradients_match_float32(device, amp_dtype, bound):
         assert rel_err(amp_gmp[name], ref_gmp[name]) <= bound, name
     # layer by layer, GmP's error is what autocast costs the standard layer anyway
     for i in ("0", "2"):
-        std_err = max(rel_err(amp_std[f"{i}.weight"], ref_std[f"{i}.weight"]), rel_err(amp_std[f"{i}.bias"], ref_std[f"{i}.bias"]))
-        gmp_err = rel_err(amp_gmp[f"{i}.parametrizations.weight.original1"], ref_gmp[f"{i}.parametrizations.weight.original1"])
+        std_err = max(
+            rel_err(amp_std[f"{i}.weight"], ref_std[f"{i}.weight"]), rel_err(amp_std[f"{i}.bias"], ref_std[f"{i}.bias"])
+        )
+        gmp_err = rel_err(
+            amp_gmp[f"{i}.parametrizations.weight.original1"], ref_gmp[f"{i}.parametrizations.weight.original1"]
+        )
         assert gmp_err <= 1.5 * std_err, (i, float(gmp_err), float(std_err))
 
 

@@ -308,7 +308,9 @@ def test_norm_folding_matches_eval_mode_composite():
             (grad,) = torch.autograd.grad(bn(layer(x))[0, i], x)
             torch.testing.assert_close(d[i], grad[0] / grad.norm())
         # and p is nearest the origin: it is parallel to the direction
-        torch.testing.assert_close(angle_between(p, d).clamp(max=math.pi - angle_between(p, d)), torch.zeros(5, dtype=F64), atol=1e-7, rtol=0)
+        torch.testing.assert_close(
+            angle_between(p, d).clamp(max=math.pi - angle_between(p, d)), torch.zeros(5, dtype=F64), atol=1e-7, rtol=0
+        )
 
 
 def test_bad_input_is_refused():
@@ -337,7 +339,9 @@ def test_the_refusal_lists_the_layer_registry(monkeypatch):
 
 def test_attention_in_projection_is_refused_and_hf_conv1d_is_read_by_columns():
     mha = nn.MultiheadAttention(4, 2)
-    with pytest.raises(TypeError, match=r"feed an activation: Linear, .*Conv1D \(or a subclass\)\. Got: MultiheadAttention") as info:
+    with pytest.raises(
+        TypeError, match=r"feed an activation: Linear, .*Conv1D \(or a subclass\)\. Got: MultiheadAttention"
+    ) as info:
         characteristic_points(mha)
     assert "MultiheadAttention," not in str(info.value)  # the list leaves attention out
     drift = AngularDrift(nn.TransformerEncoderLayer(4, 2, dim_feedforward=8))

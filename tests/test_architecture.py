@@ -83,7 +83,7 @@ def cycles(graph) -> List[List[str]]:
         stack.append(m)
         for n in sorted(edges[m]):
             if state.get(n) == 1:
-                found.append(stack[stack.index(n):] + [n])
+                found.append(stack[stack.index(n) :] + [n])
             elif n not in state:
                 visit(n)
         stack.pop()
@@ -109,14 +109,22 @@ def private_writes(root: Path = PACKAGE) -> List[str]:
             written = []
             if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
                 for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
-                    written += [(e.value, e.attr) for e in ast.walk(target) if isinstance(e, ast.Attribute) and isinstance(e.ctx, ast.Store)]
+                    written += [
+                        (e.value, e.attr)
+                        for e in ast.walk(target)
+                        if isinstance(e, ast.Attribute) and isinstance(e.ctx, ast.Store)
+                    ]
             elif (
                 isinstance(node, ast.Call) and ast.unparse(node.func) == "object.__setattr__" and len(node.args) >= 2
                 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
             ):  # fmt: skip
                 written.append((node.args[0], node.args[1].value))
             for owner, attr in written:
-                if not attr.startswith("_") or attr.startswith("__") or (isinstance(owner, ast.Name) and owner.id in ("self", "cls")):
+                if (
+                    not attr.startswith("_")
+                    or attr.startswith("__")
+                    or (isinstance(owner, ast.Name) and owner.id in ("self", "cls"))
+                ):
                     continue
                 where = f"{ast.unparse(owner)}.{attr}"
                 if (mod, where) not in _ALLOWED_WRITES:

@@ -32,7 +32,17 @@ def test_help_is_plain_text_without_phantom_arguments(argv, capsys):
         # every option says what it does: an option line is followed by its help on the same line
         demo_parser = cli.build_parser().parse_args(["demo"]).command_parser
         flags = [a.option_strings[-1] for a in demo_parser._actions]
-        assert {"--steps", "--seed", "--width", "--target", "--runs", "--out", "--no-plot", "--no-save", "--no-progress"} <= set(flags)
+        assert {
+            "--steps",
+            "--seed",
+            "--width",
+            "--target",
+            "--runs",
+            "--out",
+            "--no-plot",
+            "--no-save",
+            "--no-progress",
+        } <= set(flags)
         for action in demo_parser._actions:
             assert isinstance(action.help, str) and len(action.help) > 10, action.option_strings
         options = text.split("options:")[1]
@@ -70,10 +80,24 @@ def test_demo_option_errors_name_the_option(args, message, capsys):
 
 def test_cli_runs_the_demo(tmp_path, capsys):
     out = tmp_path / "d"
-    argv = ["demo", "--steps", "2", "--width", "3", "--runs", "SP:0.01,WN:0.1", "--no-progress", "--no-plot", "--out", str(out)]
+    argv = [
+        "demo",
+        "--steps",
+        "2",
+        "--width",
+        "3",
+        "--runs",
+        "SP:0.01,WN:0.1",
+        "--no-progress",
+        "--no-plot",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    rows = [line.split("|")[1].strip() for line in printed.splitlines() if line.startswith("| ") and "method" not in line]
+    rows = [
+        line.split("|")[1].strip() for line in printed.splitlines() if line.startswith("| ") and "method" not in line
+    ]
     assert rows == ["SP", "WN"]
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]
     assert cli.main(argv[:-2] + ["--no-save"]) == 0
@@ -82,7 +106,21 @@ def test_cli_runs_the_demo(tmp_path, capsys):
 
 def test_python_dash_m_entry_point(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([sys.executable, "-m", "georeparam", "--help"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "georeparam", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m georeparam ")
-    proc = subprocess.run([sys.executable, "-m", "georeparam", "reproduce", "uci"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "georeparam", "reproduce", "uci"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "invalid choice: 'reproduce'" in proc.stderr

@@ -111,7 +111,12 @@ def radii_like(angles, draw_sign=True):
 
 def bitwise_equal(a, b):
     """Equal values *and* equal sign bits (so -0.0 ≠ 0.0)."""
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) and torch.equal(torch.signbit(a), torch.signbit(b))
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and torch.equal(a, b)
+        and torch.equal(torch.signbit(a), torch.signbit(b))
+    )
 
 
 def reconstruct(radius, angles, **kw):
@@ -454,8 +459,11 @@ def test_gradcheck_including_poles(convention, mode):
     assert torch.autograd.gradgradcheck(f, (c.requires_grad_(),), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="double backward of UnitVector at an exact pole: d(S/cos φ) "
-                   "cancels catastrophically when cos φ = 6e-17 (first derivatives are exact)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="double backward of UnitVector at an exact pole: d(S/cos φ) "
+    "cancels catastrophically when cos φ = 6e-17 (first derivatives are exact)",
+)
 def test_double_backward_at_exact_pole():
     a = _pole_angles(convention="latitude").requires_grad_()
     assert torch.autograd.gradgradcheck(to_cartesian, (a,), eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -464,7 +472,9 @@ def test_double_backward_at_exact_pole():
 @settings(max_examples=60)
 @given(a=angle_batches(dtypes=[torch.float64]), data=st.data())
 def test_backward_matches_autograd_of_the_paper_formula(a, data):
-    g = torch.from_numpy(data.draw(hnp.arrays(np.float64, a.shape[:-1] + (a.shape[-1] + 1,), elements=st.floats(-3, 3))))
+    g = torch.from_numpy(
+        data.draw(hnp.arrays(np.float64, a.shape[:-1] + (a.shape[-1] + 1,), elements=st.floats(-3, 3)))
+    )
     x = a.clone().requires_grad_()
     (got,) = torch.autograd.grad(to_cartesian(x), x, g)
     # The oracle's cumprod backward divides products that underflow for a lone tiny angle

@@ -95,7 +95,14 @@ def test_fresh_machine_without_matplotlib_or_tqdm_exits_0(tmp_path):
         "sys.exit(main(['demo', '--steps', '20', '--width', '4', '--runs', 'SP:0.01,GmP-weight:0.1', '--out', sys.argv[1]]))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, rows = parse_table(proc.stdout)
     assert [r[0] for r in rows] == ["SP", "GmP-weight"]
@@ -106,20 +113,48 @@ def test_fresh_machine_without_matplotlib_or_tqdm_exits_0(tmp_path):
 
 def test_weight_form_flips_are_exactly_the_radius_sign_changes():
     # 2-D inputs, Adam at lr 0.1: u(θ) turns by ≤ |δθ| ≪ π/2, so every flip is a sign change of r
-    res = run_demo(steps=100, width=32, n_train=300, n_test=300, runs=[("GmP-weight", 0.1)], out=None, progress=False, verbose=False)
+    res = run_demo(
+        steps=100,
+        width=32,
+        n_train=300,
+        n_test=300,
+        runs=[("GmP-weight", 0.1)],
+        out=None,
+        progress=False,
+        verbose=False,
+    )
     row = res["rows"][0]
     assert row["sign_changes"] > 0 and row["flips"] == row["sign_changes"]
 
 
 def test_paper_form_has_no_flips_although_r_changes_sign():
-    res = run_demo(steps=100, width=32, n_train=300, n_test=300, runs=[("GmP", 0.1), ("GmP-weight", 0.1)], out=None, progress=False, verbose=False)
+    res = run_demo(
+        steps=100,
+        width=32,
+        n_train=300,
+        n_test=300,
+        runs=[("GmP", 0.1), ("GmP-weight", 0.1)],
+        out=None,
+        progress=False,
+        verbose=False,
+    )
     paper, weight = res["rows"]
     assert paper["sign_changes"] > 0 and paper["flips"] == 0 and paper["drift_p99"] < 0.5
     assert weight["flips"] == weight["sign_changes"] > 0
 
 
 def test_steps_to_target_not_reached_is_reported():
-    res = run_demo(steps=2, width=3, n_train=50, n_test=50, runs=[("GmP-weight", 0.1)], target=1.0, out=None, progress=False, verbose=False)
+    res = run_demo(
+        steps=2,
+        width=3,
+        n_train=50,
+        n_test=50,
+        runs=[("GmP-weight", 0.1)],
+        target=1.0,
+        out=None,
+        progress=False,
+        verbose=False,
+    )
     assert res["figure"] is None and res["results"] is None and res["rows"][0]["steps_to_target"] is None
     assert "| > 2 |" in res["table"]
 

@@ -112,6 +112,7 @@ def test_fsdp2_two_processes_match_one(tmp_path, reference):
     # Every GmP Parameter is a DTensor sharded along the unit dimension.
     gmp_keys = [k for k in reference["state_dict"] if ".parametrizations." in k]
     assert gmp_keys and all(result["placements"][k] == "(Shard(dim=0),)" for k in gmp_keys)
+
     # What is communicated: FSDP2 reduce-scatters each Parameter's full gradient, padded along dim 0
     # to a multiple of the world size, and all-gathers the shards before forward and again before
     # backward (non-root modules reshard after forward). So the map's inputs (radius, angles,
@@ -182,7 +183,10 @@ def test_remove_refuses_fsdp2_sharded_layers_and_leaves_them_intact(one_rank_gro
     fully_shard(model[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
     before = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"sharded \(FSDP2.*get_model_state_dict.*Got: \['FSDPParametrizedLinear', 'ParametrizedLinear'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"sharded \(FSDP2.*get_model_state_dict.*Got: \['FSDPParametrizedLinear', 'ParametrizedLinear'\]",
+    ):
         georeparam.remove(model)
     assert georeparam.is_geometric(model[0]) and georeparam.is_geometric(model[2])
     after = {k: v.full_tensor() for k, v in model.state_dict().items()}

@@ -16,7 +16,9 @@ from conftest import rel_err, tiny_gpt2, transformers_or_skip
 
 
 def conv_mlp():
-    return nn.Sequential(nn.Conv2d(2, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 7), nn.ReLU(), nn.Linear(7, 1))
+    return nn.Sequential(
+        nn.Conv2d(2, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 7), nn.ReLU(), nn.Linear(7, 1)
+    )
 
 
 def pooled():
@@ -277,7 +279,9 @@ def test_exclude_uses_the_same_parser_and_an_exact_name_is_not_a_suffix():
     # "2" names no module at the top level (there are only "0" and "1"): as a suffix it is "1.2"
     report = register(model, exclude=["2", "*.0"], form="weight")
     assert set(report) == {"0", "1.1"}
-    flat = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)), nn.Linear(3, 1))
+    flat = nn.Sequential(
+        nn.Linear(2, 3), nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)), nn.Linear(3, 1)
+    )
     assert "1.2" in register(flat, exclude=["2"], form="weight")  # "2" exists: that module only
 
 
@@ -315,7 +319,12 @@ def test_pre_parametrized_layers_are_skipped_and_reported_like_tied_weights():
         before = model(x)
     report = register(model, form="weight")
     assert set(report) == {"0", "5"}
-    for name, what in (("1", "_WeightNorm"), ("2", "_SpectralNorm"), ("3", "_Orthogonal"), ("4", "hook-based torch.nn.utils.weight_norm")):
+    for name, what in (
+        ("1", "_WeightNorm"),
+        ("2", "_SpectralNorm"),
+        ("3", "_Orthogonal"),
+        ("4", "hook-based torch.nn.utils.weight_norm"),
+    ):
         entry = report.layers[[e.name for e in report.layers].index(name)]
         assert entry.form is None and "already reparametrized" in entry.why and what in entry.why, entry
     with torch.no_grad():
@@ -367,7 +376,9 @@ def test_plain_model_gets_one_other_group_and_one_warning_and_trains():
     assert opt.units_canonicalized == 0
 
 
-@pytest.mark.parametrize("arg", ["lr", "angle_lr", "radius_lr", "weight_decay", "angle_weight_decay", "offset_weight_decay"])
+@pytest.mark.parametrize(
+    "arg", ["lr", "angle_lr", "radius_lr", "weight_decay", "angle_weight_decay", "offset_weight_decay"]
+)
 @pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "1e-3", None, True])
 def test_param_groups_refuse_bad_rates_at_call_time(arg, bad):
     model = georeparam.geometric(nn.Linear(3, 2))

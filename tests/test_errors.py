@@ -17,8 +17,10 @@ import georeparam
 
 def snapshot(model):
     return (
-        {n: (p, None if isinstance(p, nn.parameter.UninitializedParameter) else p.detach().clone())
-         for n, p in model.named_parameters()},
+        {
+            n: (p, None if isinstance(p, nn.parameter.UninitializedParameter) else p.detach().clone())
+            for n, p in model.named_parameters()
+        },
         {n: type(m) for n, m in model.named_modules()},
         {n: georeparam.is_geometric(m) for n, m in model.named_modules()},
     )
@@ -32,7 +34,9 @@ def assert_unchanged(model, snap):
         assert now[n] is obj, f"{n} was replaced"
         if value is None:  # an uninitialized (lazy) parameter
             continue
-        assert torch.equal(now[n].detach(), value) or (value.is_floating_point() and torch.equal(now[n].isnan(), value.isnan())), f"{n} changed"
+        assert torch.equal(now[n].detach(), value) or (
+            value.is_floating_point() and torch.equal(now[n].isnan(), value.isnan())
+        ), f"{n} changed"
     assert {n: type(m) for n, m in model.named_modules()} == classes
     assert {n: georeparam.is_geometric(m) for n, m in model.named_modules()} == registered
 
@@ -98,7 +102,9 @@ def test_empty_weight(shape):
 
 
 @pytest.mark.parametrize(
-    "module", [nn.ReLU(), nn.BatchNorm1d(3), nn.Embedding(5, 3), nn.RNN(2, 3), nn.LayerNorm(3)], ids=lambda m: type(m).__name__
+    "module",
+    [nn.ReLU(), nn.BatchNorm1d(3), nn.Embedding(5, 3), nn.RNN(2, 3), nn.LayerNorm(3)],
+    ids=lambda m: type(m).__name__,
 )
 def test_unsupported_module(module):
     expect_error(TypeError, module, lambda: georeparam.geometric(module), type(module).__name__)
@@ -205,9 +211,11 @@ def test_register_is_atomic(problem):
     assert not any(georeparam.is_geometric(m) for m in model.modules())
 
 
-
 def _hooks(model):
-    return {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._state_dict_hooks)) for n, m in model.named_modules()}
+    return {
+        n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._state_dict_hooks))
+        for n, m in model.named_modules()
+    }
 
 
 @pytest.mark.parametrize("where", ["sign", "imn"])

@@ -111,8 +111,14 @@ def test_fit_covers_each_epoch_once_and_keeps_the_best_weights():
     scores = iter([5.0, 4.0, 1.0, 2.0, 3.0, 3.0, 3.0, 3.0])
     weights = []
     cfg = C.FitConfig(lr=0.05, epochs=100, batch_size=16, patience=3)
-    res = C.fit(model, (x, y), loss_fn=nn.functional.mse_loss, cfg=cfg,
-                monitor=lambda m, _: next(scores), on_epoch=lambda e, m: weights.append(m.weight.detach().clone()))
+    res = C.fit(
+        model,
+        (x, y),
+        loss_fn=nn.functional.mse_loss,
+        cfg=cfg,
+        monitor=lambda m, _: next(scores),
+        on_epoch=lambda e, m: weights.append(m.weight.detach().clone()),
+    )
     assert [len(s) for s in seen[:4]] == [16, 16, 16, 2]  # only training batches reach the model
     epoch1 = torch.cat(seen[:4])
     assert torch.equal(epoch1[torch.argsort(epoch1[:, 0])], x[torch.argsort(x[:, 0])])  # a permutation
@@ -278,8 +284,22 @@ def test_reproduce_script_runs_levy_quick(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     from benchmarks.reproduce import levy
 
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "reproduce.py"), "levy", "--quick", "--draw", "official",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "benchmarks" / "reproduce.py"),
+            "levy",
+            "--quick",
+            "--draw",
+            "official",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "levy" in proc.stderr  # the progress bar
     md = (tmp_path / "levy.md").read_text()
@@ -298,7 +318,22 @@ def test_uci_quick(tmp_path):
 def test_banana_quick(tmp_path):
     pytest.importorskip("matplotlib")
     _data_or_skip("banana", "banana.csv")
-    assert main(["banana", "--quick", "--methods", ",".join(METHODS), "--out", str(tmp_path), "--quiet", "--monitor", "test"]) == 0
+    assert (
+        main(
+            [
+                "banana",
+                "--quick",
+                "--methods",
+                ",".join(METHODS),
+                "--out",
+                str(tmp_path),
+                "--quiet",
+                "--monitor",
+                "test",
+            ]
+        )
+        == 0
+    )
     md = (tmp_path / "banana.md").read_text()
     _, rows = _check_table(md, 0, [C.LABELS[m] for m in METHODS], [2])
     assert all(0.0 <= float(CELL.match(r[2])["m"]) <= 1.0 for r in rows)
@@ -313,7 +348,22 @@ def test_missing_data_skips_cleanly(tmp_path, capsys):
 
 def test_mnist1d_quick(tmp_path):
     pytest.importorskip("mnist1d")
-    assert main(["mnist1d", "--quick", "--protocol", "fixed", "--methods", ",".join(METHODS), "--out", str(tmp_path), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "mnist1d",
+                "--quick",
+                "--protocol",
+                "fixed",
+                "--methods",
+                ",".join(METHODS),
+                "--out",
+                str(tmp_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     _, rows = _check_table((tmp_path / "mnist1d.md").read_text(), 1, [C.LABELS[m] for m in METHODS] * 2, [3])
     assert [r[0] for r in rows] == ["mlp"] * len(METHODS) + ["cnn"] * len(METHODS)
 
@@ -322,7 +372,22 @@ def test_lr_sweep_quick(tmp_path):
     pytest.importorskip("mnist1d")
     pytest.importorskip("matplotlib")
     methods = ["SP", "GmP"]
-    assert main(["lr-sweep", "--quick", "--tasks", "mnist1d", "--methods", ",".join(methods), "--out", str(tmp_path), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "lr-sweep",
+                "--quick",
+                "--tasks",
+                "mnist1d",
+                "--methods",
+                ",".join(methods),
+                "--out",
+                str(tmp_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     header, rows = C.parse_markdown_table((tmp_path / "lr-sweep.md").read_text())
     assert header[1:] == ["0.001", "0.1", "1"] and [r[0] for r in rows] == [C.LABELS[m] for m in methods]
     assert all(CELL.match(c) or c == "diverged" for r in rows for c in r[1:])
@@ -341,8 +406,24 @@ def test_imagenet32_files_round_trip_and_quick_run(tmp_path):
         pickle.dump({"data": xt.reshape(40, -1), "labels": list(yt + 1)}, f)
     np.testing.assert_array_equal(I.load_batch(tmp_path / "val_data")[1], yt)
     methods = [m for m in I.METHODS if m in METHODS]
-    argv = ["imagenet32", "--quick", "--data-dir", str(tmp_path / "data"), "--num-classes", "10", "--val-size", "32",
-            "--methods", ",".join(methods), "--out", str(tmp_path / "o"), "--quiet", "--no-plots", "--device", "cpu"]
+    argv = [
+        "imagenet32",
+        "--quick",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--num-classes",
+        "10",
+        "--val-size",
+        "32",
+        "--methods",
+        ",".join(methods),
+        "--out",
+        str(tmp_path / "o"),
+        "--quiet",
+        "--no-plots",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     _check_table((tmp_path / "o" / "imagenet32.md").read_text(), 0, [C.LABELS[m] for m in methods], [2, 3])
 
@@ -375,8 +456,20 @@ def test_results_to_docs_merges_runs_by_method_and_dataset(tmp_path):
 
     def run(folder, methods, datasets, rmse, config=cfg):
         (tmp_path / "runs" / folder).mkdir(parents=True)
-        res = {m: {d: [dict(seed=s, rmse=rmse[m] + 0.01 * s, epochs=1) for s in range(3)] for d in datasets} for m in methods}
-        body = dict(name="uci", command=f"cmd {folder}", seconds=60.0, quick=False, seeds=[0, 1, 2], methods=methods, config=config, results=res)
+        res = {
+            m: {d: [dict(seed=s, rmse=rmse[m] + 0.01 * s, epochs=1) for s in range(3)] for d in datasets}
+            for m in methods
+        }
+        body = dict(
+            name="uci",
+            command=f"cmd {folder}",
+            seconds=60.0,
+            quick=False,
+            seeds=[0, 1, 2],
+            methods=methods,
+            config=config,
+            results=res,
+        )
         (tmp_path / "runs" / folder / "uci.json").write_text(json.dumps(body))
 
     run("a", ["SP"], ["boston", "yacht"], {"SP": 2.0})
@@ -385,7 +478,9 @@ def test_results_to_docs_merges_runs_by_method_and_dataset(tmp_path):
     run("d", ["SP", "GmP"], ["yacht"], {"SP": 2.0, "GmP": 1.0}, dict(cfg, monitor="test"))
     (tmp_path / "docs").mkdir()
     pytest.importorskip("matplotlib")
-    assert R.main([str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--committed", str(tmp_path / "none")]) == 0
+    assert (
+        R.main([str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--committed", str(tmp_path / "none")]) == 0
+    )
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "3/6 (p 1.000), 2 sets × 3 seeds" in text  # boston 3 wins + yacht 3 losses
     assert "3/3 (p 0.250), 1 sets × 3 seeds; the main protocol on the same pairs: 0/3 (p 0.250)" in text

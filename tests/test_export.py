@@ -17,7 +17,6 @@ import georeparam
 from conftest import seeded
 
 
-
 def _onnx(dynamo: bool = True):
     """onnx (and, for the dynamo exporter, onnxscript), or a skip naming the missing one: per test,
     so that the torch.export tests run without them (a module-level skip hid them all)."""

@@ -54,7 +54,9 @@ def test_stability_sp_trial_by_hand_and_bn_turns_like_sp():
     w1, b1 = w + 1e-3, b + 1e-3
     cos = (w * w1).sum(1) / (w.norm(dim=1) * w1.norm(dim=1))
     torch.testing.assert_close(res.direction[0, 0], torch.acos(cos), rtol=1e-7, atol=1e-12)
-    shift = (-b1[:, None] * w1 / w1.norm(dim=1, keepdim=True) ** 2 + b[:, None] * w / w.norm(dim=1, keepdim=True) ** 2).norm(dim=1)
+    shift = (
+        -b1[:, None] * w1 / w1.norm(dim=1, keepdim=True) ** 2 + b[:, None] * w / w.norm(dim=1, keepdim=True) ** 2
+    ).norm(dim=1)
     torch.testing.assert_close(res.point[0, 0], shift)
     torch.testing.assert_close(res.direction[res.methods.index("BN")], res.direction[0])  # same Cartesian turn
     assert "| GmP |" in res.table() and res.table().count("\n") == 1 + len(res.methods)
@@ -69,13 +71,15 @@ def test_stability_zero_eps_changes_nothing_and_validates():
         stability_experiment(methods=("LN",))
 
 
-
-
 def test_script_writes_table_and_figure_at_toy_size(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--trials", "20", "--eps", "1e-3,1e-1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "figure1.md").read_text()
@@ -85,5 +89,10 @@ def test_script_writes_table_and_figure_at_toy_size(tmp_path):
     gmp = [c.strip() for c in lines[-1].strip("|").split("|")]
     assert gmp[0] == "GmP" and math.isclose(float(gmp[1].split(" / ")[0]), 1e-3, rel_tol=1e-9)
     assert (tmp_path / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = subprocess.run([sys.executable, str(SCRIPT), "--eps", "-1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, str(SCRIPT), "--eps", "-1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "eps must be" in bad.stderr

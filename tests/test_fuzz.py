@@ -51,7 +51,6 @@ STRUCTURES = ("gaussian", "zero_rows", "one_hot", "near_axis", "constant", "spar
 MAX_FAN_IN, MAX_NUMEL = 10_000, 120_000
 
 
-
 # -------------------------------------------------------------------------------------------------
 # generated layers
 # -------------------------------------------------------------------------------------------------
@@ -177,7 +176,7 @@ def build(case: Case) -> Optional[Tuple[nn.Module, torch.Tensor]]:
         rows = torch.ones(U, n, dtype=torch.float64) * torch.randn(U, 1, generator=g, dtype=torch.float64)
     elif s == "sparse":
         rows = rows * (torch.rand(U, n, generator=g) < 0.1)
-    rows = rows * (10.0 ** case.scale_exp)
+    rows = rows * (10.0**case.scale_exp)
     with torch.no_grad():
         w = _units_view(layer, torch.arange(layer.weight.numel()).reshape(layer.weight.shape))  # index map
         flat = torch.empty(layer.weight.numel(), dtype=torch.float64)
@@ -192,7 +191,9 @@ def build(case: Case) -> Optional[Tuple[nn.Module, torch.Tensor]]:
                 b = torch.randn(U, generator=g, dtype=torch.float64) * row_norm / math.sqrt(n)
             b[zero | (row_norm == 0)] = 0
             layer.bias.copy_(b.to(case.dtype))
-    if not bool(torch.isfinite(layer.weight).all()) or (layer.bias is not None and not bool(torch.isfinite(layer.bias).all())):
+    if not bool(torch.isfinite(layer.weight).all()) or (
+        layer.bias is not None and not bool(torch.isfinite(layer.bias).all())
+    ):
         return None  # the scale overflowed the dtype: not a finite input
     if isinstance(layer, nn.Linear):
         x = torch.randn(3, n, generator=g)
@@ -271,7 +272,10 @@ def test_register_and_remove_keep_the_function(case):
         georeparam.geometric(layer, mode=case.mode)
     except ValueError as e:
         assert any(s in str(e) for s in ALLOWED_REFUSALS), f"unexpected refusal: {e}"
-        event("refused: " + ("λ overflow" if "λ" in str(e) else "radius overflow" if "norm" in str(e) else "constant unit"))
+        event(
+            "refused: "
+            + ("λ overflow" if "λ" in str(e) else "radius overflow" if "norm" in str(e) else "constant unit")
+        )
         assert layer.weight is not None and torch.equal(layer.weight, w0)  # left as it was
         return
     n = _units_view(layer, w0).shape[1]
@@ -379,7 +383,9 @@ def test_long_run_script_toy(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "long_run.json"
-    res = mod.main(["--steps", "150", "--samples", "600", "--log-every", "10", "--quiet", "--no-plot", "--out", str(out)])
+    res = mod.main(
+        ["--steps", "150", "--samples", "600", "--log-every", "10", "--quiet", "--no-plot", "--out", str(out)]
+    )
     assert out.exists()
     wrapped, plain = res["wrapped"], res["plain"]
     assert wrapped["first_nonfinite_step"] is None and all(h["finite"] for h in wrapped["history"])

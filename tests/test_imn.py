@@ -27,7 +27,6 @@ from georeparam.imn import (
 F64 = torch.float64
 
 
-
 def rel(a, b):
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm()).item()
@@ -40,7 +39,9 @@ def plain_forward(layer, x):
     if not layer.transposed:
         return layer._conv_forward(x, layer.weight, layer.bias)
     fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(layer.kernel_size)]
-    return fn(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+    return fn(
+        x, layer.weight, layer.bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation
+    )
 
 
 CASES = [  # (layer, input shape, reduce dims of the input)
@@ -212,10 +213,20 @@ def test_foldability_rule_agrees_with_a_naive_fold(cfg, seed):
     if c["transposed"]:
         if c["output_padding"] >= max(c["stride"], c["dilation"]):
             c = {**c, "output_padding": 0}
-        layer = nn.ConvTranspose1d(4, 6, c["k"], stride=c["stride"], padding=c["padding"], dilation=c["dilation"],
-                                   output_padding=c["output_padding"], groups=c["groups"]).double()
+        layer = nn.ConvTranspose1d(
+            4,
+            6,
+            c["k"],
+            stride=c["stride"],
+            padding=c["padding"],
+            dilation=c["dilation"],
+            output_padding=c["output_padding"],
+            groups=c["groups"],
+        ).double()
     else:
-        layer = nn.Conv1d(4, 6, c["k"], stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"]).double()
+        layer = nn.Conv1d(
+            4, 6, c["k"], stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"]
+        ).double()
     x = torch.randn(2, 4, 12, dtype=F64)
     mu = torch.randn(4, dtype=F64) + 2
     try:
@@ -243,8 +254,17 @@ def test_output_mean_norm_is_the_official_gmp_mn():
     from georeparam.imn import OFFICIAL_MOMENTUM, has_output_mean_norm, output_mean_norm
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 3),
+    ).double()
     georeparam.register(model, include=["0", "3"])
     with torch.no_grad():
         for i in (0, 3):

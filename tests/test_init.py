@@ -23,7 +23,6 @@ from georeparam.init import SCHEMES, glorot_radius, init_geometric_
 Z = 5.0  # standard errors allowed in every statistical check
 
 
-
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

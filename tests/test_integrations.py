@@ -70,7 +70,9 @@ def test_peft_on_a_registered_model_is_refused_before_anything_changes():
     register(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.requires_grad for p in model.parameters()]
-    with pytest.raises(TypeError, match=r"PEFT is wrapping a GmP-registered layer.*merge would be lost.*Apply PEFT first"):
+    with pytest.raises(
+        TypeError, match=r"PEFT is wrapping a GmP-registered layer.*merge would be lost.*Apply PEFT first"
+    ):
         peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["fc1", "fc2"]))
     assert all(type(m).__module__.startswith("torch.") for m in (model.fc1, model.fc2))
     assert [p.requires_grad for p in model.parameters()] == grads

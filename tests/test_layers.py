@@ -40,7 +40,9 @@ def _convs():
             ),
             (
                 f"conv2d-{mode}",
-                lambda b, m=mode: nn.Conv2d(3, 5, (3, 2), stride=(2, 1), dilation=(1, 2), padding=1, padding_mode=m, bias=b),
+                lambda b, m=mode: nn.Conv2d(
+                    3, 5, (3, 2), stride=(2, 1), dilation=(1, 2), padding=1, padding_mode=m, bias=b
+                ),
                 (3, 7, 5),
             ),
             (
@@ -93,7 +95,11 @@ LAYERS = (
             lambda b: nn.ConvTranspose3d(2, 4, 2, groups=2, stride=(1, 2, 1), output_padding=(0, 1, 0), bias=b),
             (2, 3, 3, 3),
         ),
-        ("convT3d-g3-op", lambda b: nn.ConvTranspose3d(3, 6, (1, 3, 2), groups=3, stride=2, output_padding=1, bias=b), (3, 3, 3, 3)),
+        (
+            "convT3d-g3-op",
+            lambda b: nn.ConvTranspose3d(3, 6, (1, 3, 2), groups=3, stride=2, output_padding=1, bias=b),
+            (3, 3, 3, 3),
+        ),
         # two inputs: in_shape is one shape per input
         ("bilinear", lambda b: nn.Bilinear(3, 4, 5, bias=b), ((3,), (4,))),
         ("bilinear-1x1", lambda b: nn.Bilinear(1, 1, 3, bias=b), ((1,), (1,))),  # fan-in 1
@@ -185,7 +191,12 @@ def test_same_function_before_after_register_and_remove(name, factory, in_shape,
     if fan_in > 1:
         assert rel_err(geo.radius, exp_radius) <= t
     else:  # fan-in 1: the radius is the weight itself and carries the sign
-        assert rel_err(geo.radius, w0.reshape(-1) if not isinstance(layer, nn.modules.conv._ConvTransposeNd) else exp_radius) <= t
+        assert (
+            rel_err(
+                geo.radius, w0.reshape(-1) if not isinstance(layer, nn.modules.conv._ConvTransposeNd) else exp_radius
+            )
+            <= t
+        )
     if bias:
         assert geo.offset is not None and geo.offset.shape == (units,)
         assert rel_err(geo.radius.detach() * geo.offset.detach(), b0) <= t

@@ -40,7 +40,7 @@ def test_plain_checkpoint_missing_a_key_fails_as_in_a_plain_model(missing):
     georeparam.register(model)
     # strict: the same error as the plain model's (PyTorch copies the keys present, then raises)
     assert _load_error(model, sd) == _load_error(copy.deepcopy(plain), sd)
-    assert "Missing key(s) in state_dict: \"0." + missing in _load_error(model, sd)
+    assert 'Missing key(s) in state_dict: "0.' + missing in _load_error(model, sd)
     # non-strict: the same missing keys, the loaded key taken, the missing one kept
     model = copy.deepcopy(plain)
     georeparam.register(model)
@@ -93,7 +93,9 @@ def test_float64_row_that_underflows_float32_under_a_bias_is_refused(row):
     w[2] = row  # 1e-50: 0 in float32; 1e-40: a float32 subnormal, λ = 0.5 / 2e-40 overflows
     sd = {"0.weight": w, "0.bias": torch.full((3,), 0.5, dtype=F64)}
     msg = _refused(model, sd, "units [2]")
-    assert ("underflow to 0 in the model's torch.float32" in msg) if row == 1e-50 else ("overflows torch.float32" in msg)
+    assert (
+        ("underflow to 0 in the model's torch.float32" in msg) if row == 1e-50 else ("overflows torch.float32" in msg)
+    )
 
 
 @settings(max_examples=25)
@@ -127,7 +129,10 @@ def test_measured_worst_row_error_of_a_checkpoint_of_another_dtype(dtype):
     for seed in range(20):
         model, plain = _registered(n_in=300, n_out=16, seed=seed)
         g = torch.Generator().manual_seed(seed)
-        sd = {"0.weight": torch.randn(16, 300, generator=g, dtype=F64).to(dtype), "0.bias": torch.randn(16, generator=g, dtype=F64).to(dtype)}
+        sd = {
+            "0.weight": torch.randn(16, 300, generator=g, dtype=F64).to(dtype),
+            "0.bias": torch.randn(16, generator=g, dtype=F64).to(dtype),
+        }
         model.load_state_dict(sd)
         plain.load_state_dict(sd)
         worst = max(worst, rel_err(model[0].weight, plain[0].weight, dim=-1).max().item())
@@ -153,7 +158,11 @@ def test_float16_row_of_norm_1e5_loads_into_float32():
 
 @pytest.mark.parametrize(
     "row, bias, word",
-    [(5e4, 0.0, "radius r = ‖w‖ overflows torch.float16"), (1e-9, 0.5, "rounds to 0"), (1e-3, 1000.0, "offset λ = b/r overflows")],
+    [
+        (5e4, 0.0, "radius r = ‖w‖ overflows torch.float16"),
+        (1e-9, 0.5, "rounds to 0"),
+        (1e-3, 1000.0, "offset λ = b/r overflows"),
+    ],
 )
 def test_half_of_a_layer_that_float16_gmp_cannot_hold_is_refused(row, bias, word):
     layer = nn.Linear(4, 3)
@@ -165,7 +174,10 @@ def test_half_of_a_layer_that_float16_gmp_cannot_hold_is_refused(row, bias, word
     model = nn.Sequential(layer)
     georeparam.register(model)
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"Linear\.weight: cannot cast this GmP layer from torch.float32 to torch.float16: for units \[1\]") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"Linear\.weight: cannot cast this GmP layer from torch.float32 to torch.float16: for units \[1\]",
+    ) as info:
         model.half()
     assert word in str(info.value) and "Got:" in str(info.value)
     assert_unchanged(model, snap)
@@ -184,7 +196,6 @@ def test_casts_that_hold_still_work():
     assert layer.weight.dtype == F64
 
 
-
 # -------------------------------------------------------------------------------------------------
 # Remove keeps the memory format
 # -------------------------------------------------------------------------------------------------
@@ -192,7 +203,11 @@ def test_casts_that_hold_still_work():
 
 @pytest.mark.parametrize(
     "conv, fmt",
-    [(nn.Conv2d(3, 5, 3), torch.channels_last), (nn.Conv3d(2, 4, 2), torch.channels_last_3d), (nn.Conv2d(3, 5, 3), None)],
+    [
+        (nn.Conv2d(3, 5, 3), torch.channels_last),
+        (nn.Conv3d(2, 4, 2), torch.channels_last_3d),
+        (nn.Conv2d(3, 5, 3), None),
+    ],
 )
 def test_remove_keeps_the_memory_format(conv, fmt):
     if fmt is not None:
@@ -207,7 +222,6 @@ def test_remove_keeps_the_memory_format(conv, fmt):
         assert conv.weight.is_contiguous(memory_format=fmt) and not conv.weight.is_contiguous()
 
 
-
 def test_bias_only_checkpoint_in_the_paper_form_with_a_negative_radius():
     """In the paper's form b = |r|·λ: a plain bias loaded under a kept negative radius is still b."""
     torch.manual_seed(0)
@@ -218,6 +232,8 @@ def test_bias_only_checkpoint_in_the_paper_form_with_a_negative_radius():
         g.radius[1] = -g.radius[1]  # a real state in the paper's form (its output is negated after ReLU)
     w = model[0].weight.detach().clone()
     bias = torch.tensor([0.5, -0.25, 2.0])
-    result = model.load_state_dict({"0.bias": bias, "2.weight": model[2].weight.detach(), "2.bias": model[2].bias.detach()}, strict=False)
+    result = model.load_state_dict(
+        {"0.bias": bias, "2.weight": model[2].weight.detach(), "2.bias": model[2].bias.detach()}, strict=False
+    )
     assert result.missing_keys == ["0.weight"] and not result.unexpected_keys
     assert rel_err(model[0].bias, bias) <= 1e-6 and torch.equal(model[0].weight, w) and g.radius[1] < 0

@@ -198,7 +198,9 @@ def test_functional_call_with_swapped_parameters():
     rr = r.clone().requires_grad_()
     (gr,) = torch.autograd.grad(functional_call(layer, {RADIUS: rr}, (x,)).sum(), rr)
     ref = rr.detach().clone().requires_grad_()
-    (gref,) = torch.autograd.grad((x @ _paper_weight(ref, geo.angles.detach()).T + ref * geo.offset.detach()).sum(), ref)
+    (gref,) = torch.autograd.grad(
+        (x @ _paper_weight(ref, geo.angles.detach()).T + ref * geo.offset.detach()).sum(), ref
+    )
     assert torch.allclose(gr, gref, rtol=1e-12, atol=1e-13)
 
 
@@ -249,7 +251,10 @@ def test_compile_fullgraph_forward_backward_matches_eager():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("GEOREPARAM_TEST_INDUCTOR"), reason="inductor compile takes ~75 s on 2 cores; set GEOREPARAM_TEST_INDUCTOR=1")
+@pytest.mark.skipif(
+    not os.environ.get("GEOREPARAM_TEST_INDUCTOR"),
+    reason="inductor compile takes ~75 s on 2 cores; set GEOREPARAM_TEST_INDUCTOR=1",
+)
 def test_compile_inductor():
     _compile_check("inductor")
 
@@ -308,7 +313,11 @@ def _free_port():
 )
 def test_ddp_two_processes_match_one_process(tmp_path):
     worker = Path(__file__).with_name("_ddp_worker.py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     ref_dir, ddp_dir = tmp_path / "ref", tmp_path / "ddp"
     ref_dir.mkdir()
     ddp_dir.mkdir()
@@ -322,7 +331,18 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), "--rank", str(r), "--world-size", "2", "--port", str(port), "--out", str(ddp_dir)],
+            [
+                sys.executable,
+                str(worker),
+                "--rank",
+                str(r),
+                "--world-size",
+                "2",
+                "--port",
+                str(port),
+                "--out",
+                str(ddp_dir),
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

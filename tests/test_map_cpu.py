@@ -75,7 +75,9 @@ def test_kernel_builds_wherever_a_compiler_is_found():
 
 @needs_kernel
 def test_polynomial_sin_cos_within_2e_16():
-    x = torch.cat([torch.linspace(-1e6, 1e6, 200_001, dtype=torch.float64), torch.randn(10_000, dtype=torch.float64) * 4])
+    x = torch.cat(
+        [torch.linspace(-1e6, 1e6, 200_001, dtype=torch.float64), torch.randn(10_000, dtype=torch.float64) * 4]
+    )
     s, c = torch.empty_like(x), torch.empty_like(x)
     LIB.gmp_sincos_f64(x.data_ptr(), s.data_ptr(), c.data_ptr(), x.numel())
     assert (s - torch.sin(x)).abs().max() <= 4.5e-16
@@ -93,7 +95,9 @@ def test_float32_sin_cos_within_an_ulp_and_one_minus_cos_relative(part):
     takes libm for all of them, so the angles beyond are passed one at a time); 1 − cos keeps its relative
     precision near 0 (the reference writes it as 2 sin²(x/2), without cancellation)."""
     if part == "polynomial":
-        x = torch.cat([torch.linspace(-4096, 4096, 400_001), torch.tensor([0.0, 1e-30, -1e-3]), torch.randn(20_000) * 3])
+        x = torch.cat(
+            [torch.linspace(-4096, 4096, 400_001), torch.tensor([0.0, 1e-30, -1e-3]), torch.randn(20_000) * 3]
+        )
     elif part == "small":  # Note [Small angles]: every angle within ±π/4, no reduction
         x = torch.cat([torch.linspace(-0.7853981, 0.7853981, 200_001), torch.tensor([0.0, 1e-30, -1e-3])])
     elif part == "past small":  # just past ±π/4: the reduction must run

@@ -33,7 +33,10 @@ def paper_unit(lat: torch.Tensor) -> torch.Tensor:
     cos = torch.cos(lat[..., :m])
     before = torch.cat([torch.ones_like(lat[..., :1]), torch.cumprod(cos, -1)], -1)  # ∏_{j<k}, k = 0..m
     th = lat[..., m:]
-    return torch.cat([torch.sin(lat[..., :m]) * before[..., :m], before[..., m:] * torch.cos(th), before[..., m:] * torch.sin(th)], -1)
+    return torch.cat(
+        [torch.sin(lat[..., :m]) * before[..., :m], before[..., m:] * torch.cos(th), before[..., m:] * torch.sin(th)],
+        -1,
+    )
 
 
 def random_angles(rows, n, dtype=torch.float64, seed=0):
@@ -47,7 +50,13 @@ def pole_angles():
     quotient may use it), ±π/2, π."""
     h = math.pi / 2
     return torch.tensor(
-        [[h, 0.3, -0.2, 0.5, 1.0], [-h, 0.0, 0.0, 0.0, 0.0], [0.1, h, -h, h, math.pi], [0.0, 0.0, 0.0, 0.0, -h], [0.4, -0.7, h, 0.2, h]],
+        [
+            [h, 0.3, -0.2, 0.5, 1.0],
+            [-h, 0.0, 0.0, 0.0, 0.0],
+            [0.1, h, -h, h, math.pi],
+            [0.0, 0.0, 0.0, 0.0, -h],
+            [0.4, -0.7, h, 0.2, h],
+        ],
         dtype=torch.float64,
     )
 
@@ -112,7 +121,10 @@ def test_float32_values_and_gradients_agree_with_the_existing_map(mode, small_bl
     radius = torch.rand(37) + 0.5
     g = torch.randn(37, 50)
     out = {}
-    for name, fn in {"old": lambda r, a: ScaledUnitVector.apply(r, a, mode)[0], "new": lambda r, a: rc.scaled_unit(r, a, mode)}.items():
+    for name, fn in {
+        "old": lambda r, a: ScaledUnitVector.apply(r, a, mode)[0],
+        "new": lambda r, a: rc.scaled_unit(r, a, mode),
+    }.items():
         a, r = lat.clone().requires_grad_(), radius.clone().requires_grad_()
         w = fn(r, a)
         w.backward(g)

@@ -25,7 +25,6 @@ from georeparam.optim import PARITY, GeometricOptimizer, param_groups
 F64 = torch.float64
 
 
-
 # ---------------------------------------------------------------------------------------------
 # param_groups
 # ---------------------------------------------------------------------------------------------
@@ -33,7 +32,15 @@ F64 = torch.float64
 
 def small_model():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 1, bias=False), nn.LayerNorm(1))
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(12, 5),
+        nn.ReLU(),
+        nn.Linear(5, 1, bias=False),
+        nn.LayerNorm(1),
+    )
     georeparam.register(model, exclude=[nn.Conv1d])
     return model
 
@@ -56,8 +63,15 @@ def test_param_groups_cover_every_parameter_once_by_kind():
 
 def test_param_groups_options():
     model = small_model()
-    groups = param_groups(model, 0.1, weight_decay=0.01, radius_weight_decay=0.0, angle_weight_decay=0.5,
-                          offset_weight_decay=0.2, other={"lr": 1e-3, "momentum": 0.5})
+    groups = param_groups(
+        model,
+        0.1,
+        weight_decay=0.01,
+        radius_weight_decay=0.0,
+        angle_weight_decay=0.5,
+        offset_weight_decay=0.2,
+        other={"lr": 1e-3, "momentum": 0.5},
+    )
     opts = {g["name"]: g for g in groups}
     assert opts["angles"]["weight_decay"] == 0.5 and opts["radius"]["weight_decay"] == 0.0
     assert opts["offset"]["weight_decay"] == 0.2
@@ -145,8 +159,10 @@ def train(name, wrap, steps=200, every=1, dtype=F64, parity=None):
 
 def canonical(g) -> bool:
     a = g.angles.detach().double()
-    return bool((g.radius >= 0).all()) and bool((a[:, :-1].abs() <= math.pi / 2).all()) and bool(
-        ((a[:, -1] > -math.pi) & (a[:, -1] <= math.pi + 1e-6)).all()
+    return (
+        bool((g.radius >= 0).all())
+        and bool((a[:, :-1].abs() <= math.pi / 2).all())
+        and bool(((a[:, -1] > -math.pi) & (a[:, -1] <= math.pi + 1e-6)).all())
     )
 
 
@@ -161,8 +177,10 @@ def test_200_steps_same_trajectory_with_and_without_the_wrapper(name):
     plain, _, _ = train(name, wrap=False)
     wrapped, opt, in_range = train(name, wrap=True)
     dw, db = max_delta(plain, wrapped)
-    print(f"\n{name}: max|Δw| = {dw:.2e}, max|Δb| = {db:.2e} after 200 float64 steps; "
-          f"{opt.units_canonicalized} unit canonicalizations")
+    print(
+        f"\n{name}: max|Δw| = {dw:.2e}, max|Δb| = {db:.2e} after 200 float64 steps; "
+        f"{opt.units_canonicalized} unit canonicalizations"
+    )
     assert dw <= 1e-8 and db <= 1e-8
     assert in_range  # after every step
     # the unwrapped run did leave the canonical ranges, in every way the wrapper maps back

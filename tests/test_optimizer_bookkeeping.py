@@ -25,8 +25,10 @@ F64 = torch.float64
 
 def canonical(g) -> bool:
     a = g.angles.detach().double()
-    return bool((g.radius >= 0).all()) and bool((a[:, :-1].abs() <= math.pi / 2).all()) and bool(
-        ((a[:, -1] > -math.pi) & (a[:, -1] <= math.pi + 1e-6)).all()
+    return (
+        bool((g.radius >= 0).all())
+        and bool((a[:, :-1].abs() <= math.pi / 2).all())
+        and bool(((a[:, -1] > -math.pi) & (a[:, -1] <= math.pi + 1e-6)).all())
     )
 
 
@@ -83,7 +85,9 @@ def test_add_param_group_with_part_of_a_layer_is_refused_before_stepping():
     opt.add_param_group({"params": [georeparam.geometry(model[2]).angles]})
     nn.functional.mse_loss(model(x), y).backward()
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"layer '2' has only some of its GmP Parameters.*Got: \{'radius': False, 'angles': True"):
+    with pytest.raises(
+        ValueError, match=r"layer '2' has only some of its GmP Parameters.*Got: \{'radius': False, 'angles': True"
+    ):
         opt.step()
     assert_unchanged(model, snap)
     assert not opt.state  # nothing was stepped
@@ -111,7 +115,9 @@ def test_optimizer_built_before_register_warns_and_holds_only_orphans():
     assert old_b is not g.offset and torch.equal(old_b.detach(), b_before)  # λ is a new Parameter
     x = torch.randn(8, 3)
     before = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match=r"SGD is stepping 2 Parameters that georeparam.register.*replaced.*Linear.weight"):
+    with pytest.warns(
+        UserWarning, match=r"SGD is stepping 2 Parameters that georeparam.register.*replaced.*Linear.weight"
+    ):
         _step(model, opt, x)
     assert torch.equal(model[0].weight, before[0].weight)  # it trained nothing there (and said so)
     # once per optimizer: the next step is quiet
@@ -169,7 +175,9 @@ def test_init_geometric_skips_frozen_layers_and_refuses_partly_frozen_ones():
     # partly frozen: refused, nothing written
     georeparam.geometry(model[2]).radius.requires_grad_(False)
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"layer '2' has some GmP coordinates frozen.*Got: requires_grad \{'radius': False"):
+    with pytest.raises(
+        ValueError, match=r"layer '2' has some GmP coordinates frozen.*Got: requires_grad \{'radius': False"
+    ):
         georeparam.init_geometric_(model)
     assert_unchanged(model, snap)
     # all frozen: refused

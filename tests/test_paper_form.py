@@ -149,7 +149,9 @@ def train_side_by_side(case: str, form: str, steps: int = 120, lr: float = 0.1, 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_paper_form_follows_the_official_layers(case):
     model, ref, x, report, worst, crossed = train_side_by_side(case, "paper")
-    print(f"\n{case}: max relative output error over 120 Adam steps (lr 0.1) {worst:.2e}; units that took r < 0: {crossed}")
+    print(
+        f"\n{case}: max relative output error over 120 Adam steps (lr 0.1) {worst:.2e}; units that took r < 0: {crossed}"
+    )
     assert all(e.form == "paper" for e in report.registered)
     assert crossed > 0, "no radius crossed zero: the test would not tell the forms apart"
     assert worst <= 1e-6
@@ -387,7 +389,9 @@ def test_weight_form_on_request_and_bad_form():
     model = mlp()
     report = register(model, form="weight")
     assert all(e.form == "weight" for e in report.layers) and not any(
-        p.sign_after for m in model for p in getattr(getattr(m, "parametrizations", {}), "get", lambda *_: [])("weight", [])
+        p.sign_after
+        for m in model
+        for p in getattr(getattr(m, "parametrizations", {}), "get", lambda *_: [])("weight", [])
     )
     with pytest.raises(ValueError, match="form must be one of"):
         register(mlp(), form="signed")
@@ -417,7 +421,9 @@ def test_report_and_remove_on_torchvision_like_models():
     resnet = ResNet18(width=4).double().eval()
     report = register(resnet)
     # every conv feeds a BatchNorm before its ReLU: the weight form, the norm named (Note [A norm before the activation])
-    assert len(report) == 21 and all(e.form == "weight" and "BatchNorm2d" in e.why for e in report.layers if e.kind == "Conv2d")
+    assert len(report) == 21 and all(
+        e.form == "weight" and "BatchNorm2d" in e.why for e in report.layers if e.kind == "Conv2d"
+    )
     assert report.form_of("fc") == "paper" and "output" in report.layers[-1].where
 
     vgg = vgg11(width=4).double().eval()
@@ -573,14 +579,18 @@ def test_a_checkpoint_of_another_form_is_refused_and_nothing_loaded(tmp_path):
 
 def test_a_sign_no_plain_layer_holds_stays_as_a_module(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 1)).double()
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 1)
+    ).double()
     report = register(model)
     assert report.layers[0].stays and "MaxPool2d" in str(report)  # said up front
     x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         geometry(model[0]).radius[:2] *= -1
         before = model(x)
-    with pytest.raises(ValueError, match=r"plain_state_dict: .*\['0 \(2 units with r < 0, sign at 1\)'\].*form='weight'"):
+    with pytest.raises(
+        ValueError, match=r"plain_state_dict: .*\['0 \(2 units with r < 0, sign at 1\)'\].*form='weight'"
+    ):
         georeparam.plain_state_dict(model)
     with pytest.warns(UserWarning, match="MaxPool|max-pool"):
         remove(model)

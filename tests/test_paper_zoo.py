@@ -148,7 +148,9 @@ def check_layer(name: str, layer_name: str, units) -> None:
     handles = []
     for mod, pre, owned in marks:
         if pre:
-            handles.append(mod.register_forward_pre_hook(lambda m, args, o=owned: (torch.where(o, -args[0], args[0]),) + args[1:]))
+            handles.append(
+                mod.register_forward_pre_hook(lambda m, args, o=owned: (torch.where(o, -args[0], args[0]),) + args[1:])
+            )
         else:
             handles.append(mod.register_forward_hook(lambda m, args, out, o=owned: torch.where(o, -out, out)))
     try:
@@ -163,6 +165,7 @@ def check_layer(name: str, layer_name: str, units) -> None:
 def _inputs_everywhere(model, x):
     """Every module's input (after all pre-hooks) and the model's output, by module name."""
     seen, handles = {}, []
+
     def keep(n, a):
         if n not in seen and a and torch.is_tensor(a[0]):
             seen[n] = a[0].detach().clone()

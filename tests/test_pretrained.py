@@ -24,7 +24,6 @@ from conftest import seeded
 D, HEADS, HIDDEN, VOCAB, SEQ, CLASSES = 32, 4, 64, 50, 12, 5
 
 
-
 class SelfAttention(nn.Module):
     def __init__(self, d: int, heads: int):
         super().__init__()

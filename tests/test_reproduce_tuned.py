@@ -46,8 +46,10 @@ def test_t_interval_closed_form():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=2, max_size=30).filter(lambda v: np.std(v) > 1e-6),
-       st.sampled_from([0.8, 0.9, 0.95, 0.99]))
+@given(
+    st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=2, max_size=30).filter(lambda v: np.std(v) > 1e-6),
+    st.sampled_from([0.8, 0.9, 0.95, 0.99]),
+)
 def test_t_interval_against_scipy(values, level):
     m, lo, hi = S.t_interval(values, level)
     ref = scipy_stats.ttest_1samp(values, 0.0).confidence_interval(level)
@@ -60,7 +62,9 @@ def test_bootstrap_interval_approaches_the_normal_one_and_is_reproducible():
     m, lo, hi = S.bootstrap_interval(v, resamples=20_000)
     se = v.std() / math.sqrt(v.size)  # the bootstrap's own (ddof 0) standard error
     assert m == pytest.approx(v.mean())
-    assert lo == pytest.approx(v.mean() - 1.959964 * se, abs=0.1 * se) and hi == pytest.approx(v.mean() + 1.959964 * se, abs=0.1 * se)
+    assert lo == pytest.approx(v.mean() - 1.959964 * se, abs=0.1 * se) and hi == pytest.approx(
+        v.mean() + 1.959964 * se, abs=0.1 * se
+    )
     assert S.bootstrap_interval(v) == S.bootstrap_interval(v)
     assert S.bootstrap_interval([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
 
@@ -96,26 +100,43 @@ METRIC = TU.Metric(test="test", val="val", mode="max", kind="diff", scale=100.0,
 
 def _grid(values):
     """``values[method][lr] = [(val, test) per seed]`` → records."""
-    return {m: {k: [dict(val=v, test=t, seed=i) for i, (v, t) in enumerate(per)] for k, per in d.items()} for m, d in values.items()}
+    return {
+        m: {k: [dict(val=v, test=t, seed=i) for i, (v, t) in enumerate(per)] for k, per in d.items()}
+        for m, d in values.items()
+    }
 
 
 def test_choose_reads_validation_only_and_skips_nonfinite():
-    per = _grid({"SP": {"0.01": [(0.5, 0.9), (0.6, 0.9)], "0.1": [(0.7, 0.1), (0.8, 0.1)], "0.3": [(0.99, 0.0), (float("nan"), 0.0)]}})["SP"]
+    per = _grid(
+        {
+            "SP": {
+                "0.01": [(0.5, 0.9), (0.6, 0.9)],
+                "0.1": [(0.7, 0.1), (0.8, 0.1)],
+                "0.3": [(0.99, 0.0), (float("nan"), 0.0)],
+            }
+        }
+    )["SP"]
     assert TU.choose(per, METRIC) == "0.1"  # best mean validation; 0.3 has a NaN seed; test never read
     assert TU.choose({"0.1": per["0.01"], "0.01": per["0.01"]}, METRIC) == "0.01"  # ties: the smaller
     assert TU.choose(per, TU.Metric(METRIC, mode="min")) == "0.01"
     tied = {"0.01": [dict(val=0.9, loss=0.3)], "0.1": [dict(val=0.9, loss=0.2)], "0.3": [dict(val=0.8, loss=0.01)]}
-    assert TU.choose(tied, METRIC) == "0.01" and TU.choose(tied, TU.Metric(METRIC, tiebreak="loss")) == "0.1"  # the loss only breaks ties
+    assert (
+        TU.choose(tied, METRIC) == "0.01" and TU.choose(tied, TU.Metric(METRIC, tiebreak="loss")) == "0.1"
+    )  # the loss only breaks ties
     picks = TU.choose_per_seed(per, METRIC)
     assert [p["val"] for p in picks] == [0.99, 0.8]
 
 
 def test_summarize_unit_compares_under_each_rule():
-    res = _grid({
-        "SP": {"0.01": [(0.6, 0.60), (0.6, 0.62), (0.6, 0.64)], "0.1": [(0.5, 0.50), (0.5, 0.50), (0.5, 0.52)]},
-        "GmP": {"0.01": [(0.5, 0.55), (0.5, 0.60), (0.5, 0.62)], "0.1": [(0.7, 0.70), (0.7, 0.71), (0.7, 0.75)]},
-    })
-    text = "\n".join(TU.summarize_unit("toy", res, [0, 1, 2], METRIC, ["SP", "GmP"], {"SP": "SP", "GmP": "GmP"}, C.paper_lr))
+    res = _grid(
+        {
+            "SP": {"0.01": [(0.6, 0.60), (0.6, 0.62), (0.6, 0.64)], "0.1": [(0.5, 0.50), (0.5, 0.50), (0.5, 0.52)]},
+            "GmP": {"0.01": [(0.5, 0.55), (0.5, 0.60), (0.5, 0.62)], "0.1": [(0.7, 0.70), (0.7, 0.71), (0.7, 0.75)]},
+        }
+    )
+    text = "\n".join(
+        TU.summarize_unit("toy", res, [0, 1, 2], METRIC, ["SP", "GmP"], {"SP": "SP", "GmP": "GmP"}, C.paper_lr)
+    )
     header, rows = C.parse_markdown_table(text)
     assert rows[0][:2] == ["SP", "0.01"] and rows[1][:2] == ["GmP", "0.1"]
     eff = text.split("Against SP")[1]
@@ -138,8 +159,17 @@ def test_seed_files_round_trip_and_refuse_mixed_configs(tmp_path):
         calls.append((u, m, s, lr))
         return dict(val=lr * s, test=lr + s)
 
-    res = TU.run_grid(name="toy", units=["a"], methods=["SP", "GmP"], seeds=[3, 5], lrs=[0.01, 0.1], train=train, out=tmp_path,
-                      command="cmd", config=dict(x=1))
+    res = TU.run_grid(
+        name="toy",
+        units=["a"],
+        methods=["SP", "GmP"],
+        seeds=[3, 5],
+        lrs=[0.01, 0.1],
+        train=train,
+        out=tmp_path,
+        command="cmd",
+        config=dict(x=1),
+    )
     assert len(calls) == 8 and sorted(p.name for p in (tmp_path / "seeds").iterdir()) == ["seed_3.json", "seed_5.json"]
     back, seeds, meta = TU.load_seed_files(tmp_path)
     assert seeds == [3, 5] and back == json.loads(json.dumps(res)) and meta["commands"] == ["cmd"]
@@ -193,7 +223,10 @@ def test_rotation_meter_measures_the_angle():
     model = nn.Sequential(nn.Linear(2, 3, dtype=torch.float64), nn.ReLU(), nn.Linear(3, 1, dtype=torch.float64))
     angles = torch.tensor([0.0, 1.0, 2.5], dtype=torch.float64)
     with torch.no_grad():
-        model[0].weight.copy_(torch.stack([torch.cos(angles), torch.sin(angles)], 1) * torch.tensor([[1.0], [2.0], [0.5]], dtype=torch.float64))
+        model[0].weight.copy_(
+            torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+            * torch.tensor([[1.0], [2.0], [0.5]], dtype=torch.float64)
+        )
     meter = Rotation(model)
     turn = torch.tensor([1e-6, 0.3, 3.0], dtype=torch.float64)
     with torch.no_grad():
@@ -216,8 +249,27 @@ def test_uci_tuned_quick_pools_datasets(tmp_path):
     p = C.data_root() / "uci" / "yacht" / "data.txt"
     if not p.exists():
         pytest.skip(f"data absent: {p}")
-    assert main(["uci", "--quick", "--protocol", "tuned", "--datasets", "yacht,boston", "--methods", "SP,GmP", "--seeds", "2", "--out", str(tmp_path),
-                 "--quiet", "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "uci",
+                "--quick",
+                "--protocol",
+                "tuned",
+                "--datasets",
+                "yacht,boston",
+                "--methods",
+                "SP,GmP",
+                "--seeds",
+                "2",
+                "--out",
+                str(tmp_path),
+                "--quiet",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     text = (tmp_path / "uci.md").read_text()
     assert "UCI, pooled over yacht, boston" in text and "×" in text
     with pytest.raises(SystemExit, match="monitor val"):
@@ -226,7 +278,23 @@ def test_uci_tuned_quick_pools_datasets(tmp_path):
 
 def test_lr_sweep_quick_with_sgd_and_rotation(tmp_path):
     pytest.importorskip("mnist1d")
-    assert main(["lr-sweep", "--quick", "--tasks", "mnist1d", "--methods", "SP,GmP", "--out", str(tmp_path), "--quiet", "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "lr-sweep",
+                "--quick",
+                "--tasks",
+                "mnist1d",
+                "--methods",
+                "SP,GmP",
+                "--out",
+                str(tmp_path),
+                "--quiet",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     text = (tmp_path / "lr-sweep.md").read_text()
     assert "SGD, momentum 0.9" in text and "Adam" in text
     d = json.loads((tmp_path / "seeds" / "seed_0.json").read_text())
@@ -235,8 +303,31 @@ def test_lr_sweep_quick_with_sgd_and_rotation(tmp_path):
 
 
 def test_imagenet32_smoke_mode_at_toy_size(tmp_path):
-    argv = ["imagenet32", "--smoke", "--synthetic", "--max-train", "64", "--max-test", "32", "--val-size", "16", "--width", "0.0625",
-            "--num-classes", "10", "--batch-size", "16", "--methods", "GmP,GmP+IMN", "--device", "cpu", "--out", str(tmp_path), "--quiet", "--no-plots"]
+    argv = [
+        "imagenet32",
+        "--smoke",
+        "--synthetic",
+        "--max-train",
+        "64",
+        "--max-test",
+        "32",
+        "--val-size",
+        "16",
+        "--width",
+        "0.0625",
+        "--num-classes",
+        "10",
+        "--batch-size",
+        "16",
+        "--methods",
+        "GmP,GmP+IMN",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--no-plots",
+    ]
     assert main(argv) == 0
     d = json.loads((tmp_path / "imagenet32.json").read_text())
     assert d["config"]["epochs"] == 1 and d["config"]["recipe"] == "official"
@@ -251,7 +342,9 @@ def test_imagenet32_official_recipe_builds_the_official_models():
     convs = [m for m in model if isinstance(m, nn.Conv2d)]
     for conv in convs:
         w = conv.weight.detach().flatten(1)
-        assert w.abs().max() <= math.sqrt(6.0 / (w.shape[1] + w.shape[0])) + 1e-6  # the official bound, not PyTorch's Glorot
+        assert (
+            w.abs().max() <= math.sqrt(6.0 / (w.shape[1] + w.shape[0])) + 1e-6
+        )  # the official bound, not PyTorch's Glorot
         assert bool((w[:, -1] >= 0).all())  # the official sign loss
     relus = [model[i + 1] for i, m in enumerate(model) if isinstance(m, nn.Conv2d)]
     assert all(has_output_mean_norm(r) and r.omn.momentum == 0.01 for r in relus)

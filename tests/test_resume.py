@@ -20,10 +20,11 @@ from conftest import REPO_ROOT, seeded
 WORKER = REPO_ROOT / "tests" / "_resume_worker.py"
 
 
-
 def _run(*args: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(WORKER), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, f"{args[0]} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
@@ -61,7 +62,10 @@ def test_resume_in_new_process_is_bit_for_bit(tmp_path):
             assert va == vb, k
     # the runs did move, and the wrapped one was canonicalized along the way
     for kind in ("adam", "gmp"):
-        assert not torch.equal(a[kind]["model"]["0.parametrizations.weight.original1"], c[kind]["model"]["0.parametrizations.weight.original1"])
+        assert not torch.equal(
+            a[kind]["model"]["0.parametrizations.weight.original1"],
+            c[kind]["model"]["0.parametrizations.weight.original1"],
+        )
     angles = a["gmp"]["model"]["0.parametrizations.weight.original1"]
     plain = a["adam"]["model"]["0.parametrizations.weight.original1"]
     assert angles[:, :-1].abs().max() <= math.pi / 2
@@ -87,7 +91,9 @@ def _torch_save_load(m):
     return torch.load(buf, weights_only=False)
 
 
-@pytest.mark.parametrize("dump", [_torch_save_load, lambda m: pickle.loads(pickle.dumps(m))], ids=["torch.save", "pickle"])
+@pytest.mark.parametrize(
+    "dump", [_torch_save_load, lambda m: pickle.loads(pickle.dumps(m))], ids=["torch.save", "pickle"]
+)
 def test_a_registered_model_pickles_and_loads_registered(dump):
     # Note [Pickling a registered layer]: was refused (after torch.save had truncated the file)
     model = _model()

@@ -159,7 +159,9 @@ def test_register_then_remove_keeps_the_parameter_order_and_an_optimizer_state_l
         assert s["exp_avg"].shape == p.shape
 
 
-@pytest.mark.parametrize("conv, fmt", [(nn.Conv2d(3, 8, 3), torch.channels_last), (nn.Conv3d(2, 4, 3), torch.channels_last_3d)])
+@pytest.mark.parametrize(
+    "conv, fmt", [(nn.Conv2d(3, 8, 3), torch.channels_last), (nn.Conv3d(2, 4, 3), torch.channels_last_3d)]
+)
 def test_channels_last_weight_keeps_its_layout_and_registered_equals_removed_bit_for_bit(conv, fmt):
     # was: the registered weight was contiguous, so the conv's output layout changed
     torch.manual_seed(0)

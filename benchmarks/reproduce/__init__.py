@@ -35,8 +35,15 @@ from typing import List, Optional
 __all__ = ["main", "EXPERIMENTS"]
 
 #: name → module (imported lazily)
-EXPERIMENTS = {"uci": "uci", "banana": "banana", "levy": "levy", "mnist1d": "mnist1d", "digits": "digits", "lr-sweep": "lr_sweep",
-               "imagenet32": "imagenet32"}
+EXPERIMENTS = {
+    "uci": "uci",
+    "banana": "banana",
+    "levy": "levy",
+    "mnist1d": "mnist1d",
+    "digits": "digits",
+    "lr-sweep": "lr_sweep",
+    "imagenet32": "imagenet32",
+}
 
 
 def _module(name: str):
@@ -46,17 +53,37 @@ def _module(name: str):
 def _parser() -> argparse.ArgumentParser:
     from .common import METHODS
 
-    parser = argparse.ArgumentParser(prog="python benchmarks/reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="name", metavar="NAME", required=True)
     for name in EXPERIMENTS:
         mod = _module(name)
-        p = sub.add_parser(name, help=mod.TITLE, description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name, help=mod.TITLE, description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         p.add_argument("--out", default=None, help="output directory (default results/NAME)")
-        p.add_argument("--quick", action="store_true", help="a smoke run (fewer seeds, epochs, data); its numbers mean nothing")
-        p.add_argument("--seeds", default=None, help=f"a count (seeds 0..N-1) or a list 0,3,7 (default {mod.DEFAULT_SEEDS}; quick: 1)")
-        p.add_argument("--data-dir", default=None, help="data root (holding uci/, banana/, …); default $GEOREPARAM_DATA or <repo>/../shared/data")
-        p.add_argument("--methods", default=",".join(getattr(mod, "METHODS", METHODS)), help="comma-separated subset of " + ",".join(METHODS))
-        p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: the CPU models are tiny)")
+        p.add_argument(
+            "--quick", action="store_true", help="a smoke run (fewer seeds, epochs, data); its numbers mean nothing"
+        )
+        p.add_argument(
+            "--seeds",
+            default=None,
+            help=f"a count (seeds 0..N-1) or a list 0,3,7 (default {mod.DEFAULT_SEEDS}; quick: 1)",
+        )
+        p.add_argument(
+            "--data-dir",
+            default=None,
+            help="data root (holding uci/, banana/, …); default $GEOREPARAM_DATA or <repo>/../shared/data",
+        )
+        p.add_argument(
+            "--methods",
+            default=",".join(getattr(mod, "METHODS", METHODS)),
+            help="comma-separated subset of " + ",".join(METHODS),
+        )
+        p.add_argument(
+            "--threads", type=int, default=1, help="torch.set_num_threads (default 1: the CPU models are tiny)"
+        )
         p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         mod.add_arguments(p)
@@ -100,7 +127,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         text.append(f"![{Path(f).stem}]({Path(f).name})")
     md = "\n".join(text).rstrip() + "\n"
     (out / f"{args.name}.md").write_text(md)
-    C.write_json(out / f"{args.name}.json", dict(name=args.name, command=command, seconds=seconds, quick=bool(args.quick), seeds=args.seeds,
-                                                  methods=args.methods, config=report.get("config", {}), results=report.get("results")))
+    C.write_json(
+        out / f"{args.name}.json",
+        dict(
+            name=args.name,
+            command=command,
+            seconds=seconds,
+            quick=bool(args.quick),
+            seeds=args.seeds,
+            methods=args.methods,
+            config=report.get("config", {}),
+            results=report.get("results"),
+        ),
+    )
     print(md)
     return 0

@@ -223,7 +223,9 @@ def find_data(root: Path, subdir: str, filename: str, what: str) -> Path:
     for cand in (root / subdir / filename, root / filename):
         if cand.is_file():
             return cand
-    raise DataMissing(f"{what}: data not found (looked for {root / subdir / filename} and {root / filename}). Pass --data-dir or set GEOREPARAM_DATA.")
+    raise DataMissing(
+        f"{what}: data not found (looked for {root / subdir / filename} and {root / filename}). Pass --data-dir or set GEOREPARAM_DATA."
+    )
 
 
 def train_test_split_indices(n: int, test_size: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -246,7 +248,9 @@ def carve_validation(train_idx: np.ndarray, fraction: float, seed: int) -> Tuple
     return train_idx[perm[n_val:]], train_idx[perm[:n_val]]
 
 
-def monitored_split(n: int, seed: int, monitor: str, val_fraction: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def monitored_split(
+    n: int, seed: int, monitor: str, val_fraction: float
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(train, test, fit, monitored)`` row indices: the official 80/20 split, then either a
     validation split carved from the training rows (``monitor="val"``) or the test rows
     themselves (``monitor="test"``, the official scripts' choice) for early stopping."""
@@ -284,7 +288,9 @@ class KerasCallbacks:
     * NaN never improves.
     """
 
-    def __init__(self, mode: str, *, patience=None, plateau_patience=None, factor=0.1, min_delta=1e-4, restore_at_end=False):
+    def __init__(
+        self, mode: str, *, patience=None, plateau_patience=None, factor=0.1, min_delta=1e-4, restore_at_end=False
+    ):
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max'. Got: {mode!r}")
         self.sign = 1.0 if mode == "min" else -1.0
@@ -358,7 +364,9 @@ class FitResult:
     restored: bool = False
     nonfinite: bool = False
     best_monitored: float = math.nan
-    history: Dict[str, List[float]] = field(default_factory=lambda: {"epoch": [], "train_loss": [], "monitored": [], "lr": []})
+    history: Dict[str, List[float]] = field(
+        default_factory=lambda: {"epoch": [], "train_loss": [], "monitored": [], "lr": []}
+    )
 
 
 def make_optimizer(model: nn.Module, cfg: FitConfig):
@@ -399,8 +407,13 @@ def fit(
     bs = n if cfg.batch_size is None else min(int(cfg.batch_size), n)
     gen = torch.Generator().manual_seed(int(seed))
     opt = make_optimizer(model, cfg)
-    cb = KerasCallbacks(cfg.mode, patience=cfg.patience, plateau_patience=cfg.plateau_patience,
-                        min_delta=cfg.plateau_min_delta, restore_at_end=cfg.restore_at_end)
+    cb = KerasCallbacks(
+        cfg.mode,
+        patience=cfg.patience,
+        plateau_patience=cfg.plateau_patience,
+        min_delta=cfg.plateau_min_delta,
+        restore_at_end=cfg.restore_at_end,
+    )
     res = FitResult()
     model.train()
     for epoch in range(1, cfg.epochs + 1):

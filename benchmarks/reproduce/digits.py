@@ -90,13 +90,29 @@ def build(model_name: str, method: str, seed: int) -> nn.Module:
 def train_one(data, model_name: str, method: str, seed: int, *, lr=None, epochs: int = 200) -> dict:
     fit, val, test = make_split(data, seed)
     model = build(model_name, method, seed)
-    cfg = C.FitConfig(lr=C.paper_lr(method) if lr is None else lr, epochs=epochs, batch_size=100, mode="max", patience=30, plateau_patience=15)
-    res = C.fit(model, fit, loss_fn=nn.functional.cross_entropy, cfg=cfg, seed=seed, monitor=lambda m, _: M.accuracy(m, *val))
+    cfg = C.FitConfig(
+        lr=C.paper_lr(method) if lr is None else lr,
+        epochs=epochs,
+        batch_size=100,
+        mode="max",
+        patience=30,
+        plateau_patience=15,
+    )
+    res = C.fit(
+        model, fit, loss_fn=nn.functional.cross_entropy, cfg=cfg, seed=seed, monitor=lambda m, _: M.accuracy(m, *val)
+    )
     with torch.no_grad():
         ok = not res.nonfinite or res.restored
         acc = M.accuracy(model, *test) if ok else float("nan")
         val_loss = float(nn.functional.cross_entropy(model(val[0]), val[1])) if ok else float("nan")
-    return dict(seed=seed, test_acc=acc, val_acc=res.best_monitored, val_loss=val_loss, epochs=res.epochs, nonfinite=res.nonfinite)
+    return dict(
+        seed=seed,
+        test_acc=acc,
+        val_acc=res.best_monitored,
+        val_loss=val_loss,
+        epochs=res.epochs,
+        nonfinite=res.nonfinite,
+    )
 
 
 def run(args) -> dict:
@@ -109,7 +125,9 @@ def run(args) -> dict:
     epochs = args.epochs or (3 if args.quick else 200)
     config = dict(protocol=args.protocol, epochs=epochs, models=models, n=len(data[0]), optimizer="adam")
     if args.protocol == "tuned":
-        return M.run_tuned(args, NAME, models, lambda u, m, s, lr: train_one(data, u, m, s, lr=lr, epochs=epochs), config, summarize)
+        return M.run_tuned(
+            args, NAME, models, lambda u, m, s, lr: train_one(data, u, m, s, lr=lr, epochs=epochs), config, summarize
+        )
     results = {u: {m: {} for m in args.methods} for u in models}  # the paper's rule: each method at its own lr only
     for u in models:
         for m in args.methods:
@@ -119,8 +137,13 @@ def run(args) -> dict:
 
 
 def summarize(results, seeds, config):
-    tables = ["\n".join(TU.summarize_unit(UNIT_TITLE[u], results[u], seeds, METRIC, C.METHODS, C.LABELS, C.paper_lr)) for u in config["models"]]
-    notes = (f"sklearn digits ({config['n']} images; per seed the 80/20 split of that seed, 10 % of the training part for validation), batch 100, "
-             f"≤{config['epochs']} epochs, float64, Adam (ε 1e-7), plateau ×0.1 after 15 and early stop after 30 epochs on validation accuracy; "
-             "the learning rate is chosen on validation accuracy only, ties broken by the validation cross-entropy (Note [Which learning rate is compared]).")
+    tables = [
+        "\n".join(TU.summarize_unit(UNIT_TITLE[u], results[u], seeds, METRIC, C.METHODS, C.LABELS, C.paper_lr))
+        for u in config["models"]
+    ]
+    notes = (
+        f"sklearn digits ({config['n']} images; per seed the 80/20 split of that seed, 10 % of the training part for validation), batch 100, "
+        f"≤{config['epochs']} epochs, float64, Adam (ε 1e-7), plateau ×0.1 after 15 and early stop after 30 epochs on validation accuracy; "
+        "the learning rate is chosen on validation accuracy only, ties broken by the validation cross-entropy (Note [Which learning rate is compared])."
+    )
     return tables, notes

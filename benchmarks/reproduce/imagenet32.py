@@ -69,19 +69,39 @@ def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default 500; quick 1)")
     p.add_argument("--batch-size", type=int, default=None, help="default 256; quick 32")
     p.add_argument("--width", type=float, default=None, help="channel multiplier (default 1; quick 1/16)")
-    p.add_argument("--monitor", choices=["val", "test"], default="val", help="val: held-out training images (default); test: the official choice")
-    p.add_argument("--val-size", type=int, default=None, help="training images held out for monitoring (default 10000; quick 64)")
+    p.add_argument(
+        "--monitor",
+        choices=["val", "test"],
+        default="val",
+        help="val: held-out training images (default); test: the official choice",
+    )
+    p.add_argument(
+        "--val-size", type=int, default=None, help="training images held out for monitoring (default 10000; quick 64)"
+    )
     p.add_argument("--max-train", type=int, default=None, help="use at most this many training images")
     p.add_argument("--max-test", type=int, default=None, help="use at most this many test images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=["bf16", "off"], default="off", help="bfloat16 autocast for the forward pass (CUDA)")
+    p.add_argument(
+        "--amp", choices=["bf16", "off"], default="off", help="bfloat16 autocast for the forward pass (CUDA)"
+    )
     p.add_argument("--synthetic", action="store_true", help="generated images instead of ImageNet32 files")
     p.add_argument("--num-classes", type=int, default=None, help="default 1000 (synthetic quick: 10)")
-    p.add_argument("--recipe", choices=["official", "library"], default="official", help="official (default): the official init and IMN placement")
-    p.add_argument("--smoke", action="store_true", help="one epoch on 256,000 training images per method (≤ 10 min on one H200): throughput")
+    p.add_argument(
+        "--recipe",
+        choices=["official", "library"],
+        default="official",
+        help="official (default): the official init and IMN placement",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="one epoch on 256,000 training images per method (≤ 10 min on one H200): throughput",
+    )
 
 
-def vgg6(method: str, seed: int, *, width: float = 1.0, num_classes: int = 1000, recipe: str = "official") -> nn.Sequential:
+def vgg6(
+    method: str, seed: int, *, width: float = 1.0, num_classes: int = 1000, recipe: str = "official"
+) -> nn.Sequential:
     """VGG-6 for 32×32 inputs, Keras' initial values, then ``method`` under ``recipe`` (see the
     module docstring: ``official`` or ``library``).
 
@@ -122,13 +142,23 @@ def official_method(model: nn.Sequential, method: str, hidden, output: str, seed
     if not method.startswith("GmP"):
         return C.apply_method(model, method, hidden, output, seed)
     if method == "GmP-w":
-        raise ValueError("imagenet32: the official recipe has no weight-form GmP. Got: method 'GmP-w' (use --recipe library)")
+        raise ValueError(
+            "imagenet32: the official recipe has no weight-form GmP. Got: method 'GmP-w' (use --recipe library)"
+        )
     georeparam.register(model, include=list(hidden), form="paper")
     georeparam.init_geometric_(model, "official", generator=g, sign_loss=True)
     if method == "GmP+IMN":
-        for name in hidden:  # the official gmp_mn: centre each GmP conv's output r·ReLU(...), on its ReLU, after the sign hook
+        for (
+            name
+        ) in hidden:  # the official gmp_mn: centre each GmP conv's output r·ReLU(...), on its ReLU, after the sign hook
             relu = model[int(name) + 1]
-            output_mean_norm(relu, model.get_submodule(name).weight.shape[0], dim=-3, momentum=OFFICIAL_MOMENTUM, dtype=model[int(name)].weight.dtype)
+            output_mean_norm(
+                relu,
+                model.get_submodule(name).weight.shape[0],
+                dim=-3,
+                momentum=OFFICIAL_MOMENTUM,
+                dtype=model[int(name)].weight.dtype,
+            )
     return model
 
 
@@ -156,7 +186,9 @@ def load_batch(path: Path):
         data, labels = d["data"], d["labels"]
     data, labels = np.asarray(data), np.asarray(labels, dtype=np.int64).reshape(-1)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise ValueError(f"{path}: expected 'data' uint8 (N, 3072) and N 'labels'. Got: data {data.dtype} {data.shape}, labels {labels.shape}")
+        raise ValueError(
+            f"{path}: expected 'data' uint8 (N, 3072) and N 'labels'. Got: data {data.dtype} {data.shape}, labels {labels.shape}"
+        )
     if labels.min() < 1:
         raise ValueError(f"{path}: ImageNet32 labels are 1-based. Got: min label {labels.min()}")
     return data.reshape(-1, 3, 32, 32), labels - 1
@@ -166,7 +198,9 @@ def _find(folder: Path, stem: str) -> Path:
     for cand in (folder / f"{stem}.npz", folder / stem):
         if cand.is_file():
             return cand
-    raise C.DataMissing(f"imagenet32: {folder / stem}[.npz] not found. Pass --data-dir (train_data_batch_1..10 and val_data) or use --synthetic.")
+    raise C.DataMissing(
+        f"imagenet32: {folder / stem}[.npz] not found. Pass --data-dir (train_data_batch_1..10 and val_data) or use --synthetic."
+    )
 
 
 def load_imagenet32(folder, max_train=None, max_test=None):
@@ -216,8 +250,22 @@ def topk(model, x_u8, y, device, batch: int = 1000):
     return c1 / len(x_u8), c5 / len(x_u8)
 
 
-def train_one(data, method: str, seed: int, *, epochs, batch_size, width, num_classes, monitor, val_size, device, amp, progress=None,
-              recipe: str = "official") -> dict:
+def train_one(
+    data,
+    method: str,
+    seed: int,
+    *,
+    epochs,
+    batch_size,
+    width,
+    num_classes,
+    monitor,
+    val_size,
+    device,
+    amp,
+    progress=None,
+    recipe: str = "official",
+) -> dict:
     x, y, x_test, y_test = data
     if monitor == "val":
         fit_idx, mon_idx = C.carve_validation(np.arange(len(x)), val_size / len(x), seed)
@@ -242,14 +290,41 @@ def train_one(data, method: str, seed: int, *, epochs, batch_size, width, num_cl
         history.append(dict(train_loss=train_loss, top1=t1, top5=t5, seconds=time.time() - t0))
         return t5
 
-    cfg = C.FitConfig(lr=C.paper_lr(method), epochs=epochs, batch_size=batch_size, mode="max", patience=10, plateau_patience=5, optimizer="sgd")
+    cfg = C.FitConfig(
+        lr=C.paper_lr(method),
+        epochs=epochs,
+        batch_size=batch_size,
+        mode="max",
+        patience=10,
+        plateau_patience=5,
+        optimizer="sgd",
+    )
     t0 = time.time()
-    res = C.fit(net, fit, loss_fn=nn.functional.cross_entropy, cfg=cfg, seed=seed, monitor=monitored, batch_fn=batch_fn, progress=progress)
+    res = C.fit(
+        net,
+        fit,
+        loss_fn=nn.functional.cross_entropy,
+        cfg=cfg,
+        seed=seed,
+        monitor=monitored,
+        batch_fn=batch_fn,
+        progress=progress,
+    )
     with torch.no_grad():
         test1, test5 = topk(net.eval(), torch.from_numpy(x_test), torch.from_numpy(y_test), device)
     seconds = time.time() - t0
-    return dict(seed=seed, test_top1=test1, test_top5=test5, monitored_top5=res.best_monitored, epochs=res.epochs, steps=res.steps,
-                nonfinite=res.nonfinite, seconds=seconds, images_per_s=len(fit_idx) * res.epochs / max(seconds, 1e-9), history=history)
+    return dict(
+        seed=seed,
+        test_top1=test1,
+        test_top5=test5,
+        monitored_top5=res.best_monitored,
+        epochs=res.epochs,
+        steps=res.steps,
+        nonfinite=res.nonfinite,
+        seconds=seconds,
+        images_per_s=len(fit_idx) * res.epochs / max(seconds, 1e-9),
+        history=history,
+    )
 
 
 def run(args) -> dict:
@@ -273,29 +348,64 @@ def run(args) -> dict:
         data = load_imagenet32(folder, args.max_train, args.max_test)
         num_classes = args.num_classes or 1000
     if args.monitor == "val" and val_size >= len(data[0]):
-        raise ValueError(f"imagenet32: --val-size must be smaller than the training set. Got: {val_size} of {len(data[0])}")
+        raise ValueError(
+            f"imagenet32: --val-size must be smaller than the training set. Got: {val_size} of {len(data[0])}"
+        )
     results = {}
     bar = C.progress_bar(len(args.methods) * len(args.seeds), "imagenet32", args.quiet)
     for method in args.methods:
         results[method] = []
         for seed in args.seeds:
             bar.set_description(f"imagenet32 {method} seed {seed}", refresh=False)
-            results[method].append(train_one(data, method, seed, epochs=epochs, batch_size=batch_size, width=width, num_classes=num_classes,
-                                             monitor=args.monitor, val_size=val_size, device=device, amp=args.amp == "bf16", progress=bar,
-                                             recipe=args.recipe))
+            results[method].append(
+                train_one(
+                    data,
+                    method,
+                    seed,
+                    epochs=epochs,
+                    batch_size=batch_size,
+                    width=width,
+                    num_classes=num_classes,
+                    monitor=args.monitor,
+                    val_size=val_size,
+                    device=device,
+                    amp=args.amp == "bf16",
+                    progress=bar,
+                    recipe=args.recipe,
+                )
+            )
             bar.update(1)
     bar.close()
-    rows = [[C.LABELS[m], f"{C.paper_lr(m):g}", C.fmt_mean_std([d["test_top1"] for d in r], 4), C.fmt_mean_std([d["test_top5"] for d in r], 4),
-             f"{np.mean([d['epochs'] for d in r]):.0f}", f"{np.mean([d['seconds'] for d in r]) / 60:.1f}",
-             f"{np.mean([d['images_per_s'] for d in r]):.0f}"] for m, r in results.items()]
+    rows = [
+        [
+            C.LABELS[m],
+            f"{C.paper_lr(m):g}",
+            C.fmt_mean_std([d["test_top1"] for d in r], 4),
+            C.fmt_mean_std([d["test_top5"] for d in r], 4),
+            f"{np.mean([d['epochs'] for d in r]):.0f}",
+            f"{np.mean([d['seconds'] for d in r]) / 60:.1f}",
+            f"{np.mean([d['images_per_s'] for d in r]):.0f}",
+        ]
+        for m, r in results.items()
+    ]
     files = [] if args.no_plots else [plot(results, Path(args.out) / "imagenet32_top5.png")]
-    notes = (f"{'Synthetic data' if args.synthetic else 'ImageNet32'}: {len(data[0])} training images ({val_size if args.monitor == 'val' else 0} held out for monitoring), "
-             f"{len(data[2])} test images; monitored: {'held-out training images' if args.monitor == 'val' else 'the test split (official)'}; "
-             f"VGG-6 width ×{width:g}, batch {batch_size}, ≤{epochs} epochs, SGD momentum 0.9, amp {args.amp}, device {device}, recipe {args.recipe}. "
-             + grid_cost(results, width))
-    return dict(table=C.markdown_table(["method", "lr", "test top-1", "test top-5", "epochs", "minutes", "train images / s"], rows), notes=notes,
-                files=files, results=results,
-                config=dict(epochs=epochs, batch_size=batch_size, width=width, monitor=args.monitor, amp=args.amp, recipe=args.recipe))
+    notes = (
+        f"{'Synthetic data' if args.synthetic else 'ImageNet32'}: {len(data[0])} training images ({val_size if args.monitor == 'val' else 0} held out for monitoring), "
+        f"{len(data[2])} test images; monitored: {'held-out training images' if args.monitor == 'val' else 'the test split (official)'}; "
+        f"VGG-6 width ×{width:g}, batch {batch_size}, ≤{epochs} epochs, SGD momentum 0.9, amp {args.amp}, device {device}, recipe {args.recipe}. "
+        + grid_cost(results, width)
+    )
+    return dict(
+        table=C.markdown_table(
+            ["method", "lr", "test top-1", "test top-5", "epochs", "minutes", "train images / s"], rows
+        ),
+        notes=notes,
+        files=files,
+        results=results,
+        config=dict(
+            epochs=epochs, batch_size=batch_size, width=width, monitor=args.monitor, amp=args.amp, recipe=args.recipe
+        ),
+    )
 
 
 #: ImageNet32's training set, and the epochs an official run takes before early stopping
@@ -311,10 +421,12 @@ def grid_cost(results, width: float) -> str:
     per = {m: N_TRAIN / float(np.mean([d["images_per_s"] for d in r])) / 3600.0 for m, r in results.items()}
     lo, hi = EPOCH_RANGE
     total = sum(per.values()) * 3
-    return ("Full-grid cost at this throughput: one epoch of ImageNet32 takes "
-            + ", ".join(f"{m} {h * 60:.1f} min" for m, h in per.items())
-            + f"; a run of {lo}–{hi} epochs {min(per.values()) * lo:.1f}–{max(per.values()) * hi:.1f} h; every method × 3 batch sizes × 1 seed "
-            f"{total * lo:.0f}–{total * hi:.0f} h on this device.")
+    return (
+        "Full-grid cost at this throughput: one epoch of ImageNet32 takes "
+        + ", ".join(f"{m} {h * 60:.1f} min" for m, h in per.items())
+        + f"; a run of {lo}–{hi} epochs {min(per.values()) * lo:.1f}–{max(per.values()) * hi:.1f} h; every method × 3 batch sizes × 1 seed "
+        f"{total * lo:.0f}–{total * hi:.0f} h on this device."
+    )
 
 
 def plot(results, path: Path) -> Path:

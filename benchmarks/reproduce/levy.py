@@ -41,7 +41,9 @@ NAME = "levy"
 TITLE = "Levy 1-D regression (official protocol)"
 DEFAULT_SEEDS = "10"
 METHODS = ("SP", "WN", "BN", "GmP", "GmP-w")
-LABELS = dict(C.LABELS, GmP="GmP (paper form: the official 1-D unit)", **{"GmP-w": "GmP (georeparam, weight form at fan-in 1)"})
+LABELS = dict(
+    C.LABELS, GmP="GmP (paper form: the official 1-D unit)", **{"GmP-w": "GmP (georeparam, weight form at fan-in 1)"}
+)
 
 
 def direction(model) -> torch.Tensor:
@@ -60,8 +62,18 @@ def build(method: str, seed: int) -> nn.Sequential:
 
 def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default 10000; quick 100)")
-    p.add_argument("--draw", choices=["official", "per-seed", "both"], default="both", help="which 50-point data draws (default both)")
-    p.add_argument("--lr", type=float, default=None, help="every method at this learning rate (a matched-lr control; default: the paper's rule)")
+    p.add_argument(
+        "--draw",
+        choices=["official", "per-seed", "both"],
+        default="both",
+        help="which 50-point data draws (default both)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="every method at this learning rate (a matched-lr control; default: the paper's rule)",
+    )
     p.add_argument("--record-every", type=int, default=10, help="epochs between recorded characteristic points (plot)")
 
 
@@ -93,7 +105,10 @@ def points_1d(model) -> np.ndarray:
     with BN's running statistics folded in; ``−s·λ`` for the official 1-D unit)."""
     from georeparam.analysis import characteristic_points
 
-    if georeparam.is_geometric(model[0]) and getattr(model[0].parametrizations.weight[0], "direction", None) is not None:
+    if (
+        georeparam.is_geometric(model[0])
+        and getattr(model[0].parametrizations.weight[0], "direction", None) is not None
+    ):
         return (-direction(model) * georeparam.geometry(model[0]).offset).detach().numpy().copy()
     norm = model[1] if isinstance(model[1], torch.nn.BatchNorm1d) else None
     return characteristic_points(model[0], norm=norm)[0][:, 0].numpy().copy()
@@ -112,7 +127,9 @@ def run(args) -> dict:
             for method in methods:
                 model = build(method, seed)
                 lr = C.paper_lr(method) if args.lr is None else args.lr
-                cfg = C.FitConfig(lr=lr, epochs=epochs, batch_size=None, mode="min", patience=1000, plateau_patience=500)
+                cfg = C.FitConfig(
+                    lr=lr, epochs=epochs, batch_size=None, mode="min", patience=1000, plateau_patience=500
+                )
                 track = []
                 on_epoch = None
                 if draw == draws[0] and seed == seeds[0]:
@@ -121,12 +138,23 @@ def run(args) -> dict:
                     def on_epoch(epoch, m, track=track):
                         if epoch % args.record_every == 0:
                             track.append((epoch, points_1d(m)))
+
                 bar.set_description(f"levy {draw} {method} seed {seed}", refresh=False)
-                res = C.fit(model, (_t(x), _t(y)), loss_fn=lambda p, t: (p - t).abs().mean(), cfg=cfg, seed=seed, on_epoch=on_epoch, progress=bar)
+                res = C.fit(
+                    model,
+                    (_t(x), _t(y)),
+                    loss_fn=lambda p, t: (p - t).abs().mean(),
+                    cfg=cfg,
+                    seed=seed,
+                    on_epoch=on_epoch,
+                    progress=bar,
+                )
                 with torch.no_grad():
                     pred = model(_t(grid)).numpy().ravel()
                 rmse = float(np.sqrt(np.mean((pred - truth.ravel()) ** 2)))
-                results[draw][method].append(dict(seed=seed, rmse=rmse, train_mae=res.best_monitored, epochs=res.epochs, nonfinite=res.nonfinite))
+                results[draw][method].append(
+                    dict(seed=seed, rmse=rmse, train_mae=res.best_monitored, epochs=res.epochs, nonfinite=res.nonfinite)
+                )
                 if track:
                     tracks[method], fits[method] = track, pred
                 bar.update(1)
@@ -147,15 +175,37 @@ def summarize(results, seeds, config):
     tables = []
     for draw in config["draws"]:
         methods = [m for m in METHODS if m in results[draw]]
-        header = ["method", "lr", f"test RMSE (mean ± std, {len(seeds)} seeds)", "best train MAE", "wins / losses vs SP (p)", "epochs"]
+        header = [
+            "method",
+            "lr",
+            f"test RMSE (mean ± std, {len(seeds)} seeds)",
+            "best train MAE",
+            "wins / losses vs SP (p)",
+            "epochs",
+        ]
         rows = []
         for m in methods:
             rm = [r["rmse"] for r in results[draw][m]]
             wins = C.wins_cell(rm, [r["rmse"] for r in results[draw]["SP"]]) if m != "SP" and "SP" in methods else "—"
-            rows.append([LABELS[m], f"{config.get('lr', C.paper_lr(m)):g}", C.fmt_mean_std(rm, 3), C.fmt_mean_std([r["train_mae"] for r in results[draw][m]], 3), wins,
-                         f"{np.mean([r['epochs'] for r in results[draw][m]]):.0f}"])
-        what = "the official draw (data seed 0; seeds vary only the initial weights)" if draw == "official" else "a new 50-point draw per seed"
-        tables.append(f"{'Official draw' if draw == 'official' else 'Per-seed draws'} — {what}:\n\n" + C.markdown_table(header, rows))
+            rows.append(
+                [
+                    LABELS[m],
+                    f"{config.get('lr', C.paper_lr(m)):g}",
+                    C.fmt_mean_std(rm, 3),
+                    C.fmt_mean_std([r["train_mae"] for r in results[draw][m]], 3),
+                    wins,
+                    f"{np.mean([r['epochs'] for r in results[draw][m]]):.0f}",
+                ]
+            )
+        what = (
+            "the official draw (data seed 0; seeds vary only the initial weights)"
+            if draw == "official"
+            else "a new 50-point draw per seed"
+        )
+        tables.append(
+            f"{'Official draw' if draw == 'official' else 'Per-seed draws'} — {what}:\n\n"
+            + C.markdown_table(header, rows)
+        )
     notes = (
         f"≤{config['epochs']} epochs, full batch, MAE, Adam (ε 1e-7), float64; plateau ×0.1 after 500 and early stop after 1000 epochs on the training loss "
         "(as the notebook). Test RMSE against the noiseless function on the notebook's 201-point grid. "
@@ -180,7 +230,10 @@ def plot_points(tracks, path: Path, seed: int, draw: str) -> Path:
         ax.set_xlabel("epoch")
         if ax is not axes[0][0]:
             ax.set_ylabel("")
-    fig.suptitle(f"Levy ({draw} draw, seed {seed}): each unit's characteristic point over training (grey: data range)", fontsize=9)
+    fig.suptitle(
+        f"Levy ({draw} draw, seed {seed}): each unit's characteristic point over training (grey: data range)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return C.savefig(fig, path)
 

@@ -37,7 +37,11 @@ QUICK_LRS = (1e-3, 0.1, 1.0)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--lrs", default=None, help=f"comma-separated (default {','.join(f'{x:g}' for x in LRS)}; quick {','.join(f'{x:g}' for x in QUICK_LRS)})")
+    p.add_argument(
+        "--lrs",
+        default=None,
+        help=f"comma-separated (default {','.join(f'{x:g}' for x in LRS)}; quick {','.join(f'{x:g}' for x in QUICK_LRS)})",
+    )
     p.add_argument("--dataset", default="concrete", help="the UCI dataset")
     p.add_argument("--uci-epochs", type=int, default=None, help="default 1000; quick 20")
     p.add_argument("--mnist-epochs", type=int, default=None, help="default 30; quick 1")
@@ -63,7 +67,9 @@ class Rotation:
     def __call__(self, model) -> None:
         for i, m in enumerate(self.layers):
             u = self._dirs(m)
-            self.angles.append((2.0 * torch.asin(((u - self.prev[i]).norm(dim=1) / 2.0).clamp(max=1.0))).numpy().astype(np.float32))
+            self.angles.append(
+                (2.0 * torch.asin(((u - self.prev[i]).norm(dim=1) / 2.0).clamp(max=1.0))).numpy().astype(np.float32)
+            )
             self.prev[i] = u
 
     def summary(self):
@@ -82,7 +88,9 @@ def _cell(runs, key, digits):
     return C.fmt_mean_std(ok, digits) + (f" †{bad}" if bad else ""), C.mean_std(ok)[0]
 
 
-def train_one(task: str, data, method: str, seed: int, lr: float, optimizer: str, *, uci_epochs: int, mnist_epochs: int) -> dict:
+def train_one(
+    task: str, data, method: str, seed: int, lr: float, optimizer: str, *, uci_epochs: int, mnist_epochs: int
+) -> dict:
     """One constant-lr run of ``task`` with the rotation recorded; the final iterate's test metric."""
     rot = {}
 
@@ -91,9 +99,13 @@ def train_one(task: str, data, method: str, seed: int, lr: float, optimizer: str
         return rot["r"]
 
     if task == "uci":
-        r = U.train_one(*data, method, seed, lr=lr, epochs=uci_epochs, schedule=False, optimizer=optimizer, observe=observe)
+        r = U.train_one(
+            *data, method, seed, lr=lr, epochs=uci_epochs, schedule=False, optimizer=optimizer, observe=observe
+        )
     else:
-        r = M.train_one(data, "mlp", method, seed, lr=lr, epochs=mnist_epochs, schedule=False, optimizer=optimizer, observe=observe)
+        r = M.train_one(
+            data, "mlp", method, seed, lr=lr, epochs=mnist_epochs, schedule=False, optimizer=optimizer, observe=observe
+        )
     med, p90 = rot["r"].summary()
     return dict(r, rot_median=med, rot_p90=p90, optimizer=optimizer)
 
@@ -121,15 +133,32 @@ def run(args) -> dict:
     if not todo:
         raise C.DataMissing("lr-sweep: nothing to run. " + "; ".join(skipped))
     units = [f"{t}/{o}" for t in todo for o in optimizers]
-    config = dict(lrs=lrs, uci_epochs=uci_epochs, mnist_epochs=mnist_epochs, dataset=args.dataset, tasks=list(todo), optimizers=optimizers)
+    config = dict(
+        lrs=lrs,
+        uci_epochs=uci_epochs,
+        mnist_epochs=mnist_epochs,
+        dataset=args.dataset,
+        tasks=list(todo),
+        optimizers=optimizers,
+    )
     bar = C.progress_bar(len(units) * len(methods) * len(lrs) * len(seeds), "lr-sweep", args.quiet)
 
     def train(unit, method, seed, lr):
         task, opt = unit.split("/")
         return train_one(task, todo[task], method, seed, lr, opt, uci_epochs=uci_epochs, mnist_epochs=mnist_epochs)
 
-    results = TU.run_grid(name=NAME, units=units, methods=methods, seeds=seeds, lrs=lrs, train=train, out=args.out, command=args.command,
-                          config=config, bar=bar)
+    results = TU.run_grid(
+        name=NAME,
+        units=units,
+        methods=methods,
+        seeds=seeds,
+        lrs=lrs,
+        train=train,
+        out=args.out,
+        command=args.command,
+        config=config,
+        bar=bar,
+    )
     bar.close()
     tables, notes = summarize(results, seeds, config)
     notes += f" Skipped: {'; '.join(s.rstrip('.') for s in skipped)}." if skipped else ""
@@ -153,7 +182,11 @@ def summarize(results, seeds, config):
             continue
         task, opt = unit.split("/")
         key = "rmse" if task == "uci" else "test_acc"
-        label = f"UCI {config['dataset']} (raw targets): final test RMSE" if task == "uci" else "MNIST-1D MLP: final test accuracy"
+        label = (
+            f"UCI {config['dataset']} (raw targets): final test RMSE"
+            if task == "uci"
+            else "MNIST-1D MLP: final test accuracy"
+        )
         res = results[unit]
         rows = [[C.LABELS[m]] + [_cell(res[m].get(k, []), key, 3)[0] for k in keys] for m in C.METHODS if m in res]
         rot = []
@@ -166,12 +199,18 @@ def summarize(results, seeds, config):
                 cells.append(f"{np.mean(med):.3g} / {np.mean(p90):.3g}" if med else "n/a")
             rot.append(cells)
         header = ["method \\ lr"] + keys
-        tables.append(f"{label} — {OPT_TEXT[opt]} (mean ± std over {len(seeds)} seeds; †k: k seeds with a non-finite loss, left out):\n\n"
-                      + C.markdown_table(header, rows))
-        tables.append(f"{label.split(':')[0]} — {OPT_TEXT[opt]}: per-step direction rotation of the hidden units, median / 90th percentile "
-                      f"(rad; pooled over units and steps, averaged over seeds):\n\n" + C.markdown_table(header, rot))
-    notes = (f"Constant learning rate, no early stopping, final iterate, float64; UCI {config['dataset']}: {config['uci_epochs']} epochs (batch 1024), "
-             f"MNIST-1D MLP: {config['mnist_epochs']} epochs (batch 100). Optimizers: {', '.join(OPT_TEXT[o] for o in config.get('optimizers', ['adam']))}.")
+        tables.append(
+            f"{label} — {OPT_TEXT[opt]} (mean ± std over {len(seeds)} seeds; †k: k seeds with a non-finite loss, left out):\n\n"
+            + C.markdown_table(header, rows)
+        )
+        tables.append(
+            f"{label.split(':')[0]} — {OPT_TEXT[opt]}: per-step direction rotation of the hidden units, median / 90th percentile "
+            f"(rad; pooled over units and steps, averaged over seeds):\n\n" + C.markdown_table(header, rot)
+        )
+    notes = (
+        f"Constant learning rate, no early stopping, final iterate, float64; UCI {config['dataset']}: {config['uci_epochs']} epochs (batch 1024), "
+        f"MNIST-1D MLP: {config['mnist_epochs']} epochs (batch 100). Optimizers: {', '.join(OPT_TEXT[o] for o in config.get('optimizers', ['adam']))}."
+    )
     return tables, notes
 
 
@@ -193,7 +232,16 @@ def plot(results, config, path: Path) -> Path:
             line = ax.plot(lrs, means, "o-", ms=3, lw=1.2, label=C.LABELS[m])[0]
             bad = [lr for lr in lrs if any(r["nonfinite"] for r in per.get(TU.lr_key(lr), []))]
             if bad:
-                ax.plot(bad, [1.0 - 0.03 * i] * len(bad), "x", color=line.get_color(), ms=7, mew=1.5, transform=ax.get_xaxis_transform(), clip_on=False)
+                ax.plot(
+                    bad,
+                    [1.0 - 0.03 * i] * len(bad),
+                    "x",
+                    color=line.get_color(),
+                    ms=7,
+                    mew=1.5,
+                    transform=ax.get_xaxis_transform(),
+                    clip_on=False,
+                )
         ax.set_xscale("log")
         if task == "uci":
             ax.set_yscale("log")

@@ -43,8 +43,17 @@ def add_arguments(p) -> None:
 
 
 def add_protocol_arguments(p) -> None:
-    p.add_argument("--protocol", choices=["tuned", "fixed"], default="tuned", help="tuned (default): a learning-rate grid per method; fixed: the paper's rule")
-    p.add_argument("--lrs", default=None, help="tuned: comma-separated grid (default 0.001,0.003,0.01,0.03,0.1,0.3; quick 0.01,0.1)")
+    p.add_argument(
+        "--protocol",
+        choices=["tuned", "fixed"],
+        default="tuned",
+        help="tuned (default): a learning-rate grid per method; fixed: the paper's rule",
+    )
+    p.add_argument(
+        "--lrs",
+        default=None,
+        help="tuned: comma-separated grid (default 0.001,0.003,0.01,0.03,0.1,0.3; quick 0.01,0.1)",
+    )
 
 
 def load_mnist1d(quick: bool = False):
@@ -52,16 +61,24 @@ def load_mnist1d(quick: bool = False):
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as e:
-        raise C.DataMissing(f"mnist1d: the 'mnist1d' package is not installed (pip install mnist1d). Got: {e}") from None
+        raise C.DataMissing(
+            f"mnist1d: the 'mnist1d' package is not installed (pip install mnist1d). Got: {e}"
+        ) from None
     a = get_dataset_args()
     if quick:
         a.num_samples = 1000
     d = make_dataset(a)
-    return (np.asarray(d["x"], dtype=np.float64), np.asarray(d["y"], dtype=np.int64),
-            np.asarray(d["x_test"], dtype=np.float64), np.asarray(d["y_test"], dtype=np.int64))
+    return (
+        np.asarray(d["x"], dtype=np.float64),
+        np.asarray(d["y"], dtype=np.int64),
+        np.asarray(d["x_test"], dtype=np.float64),
+        np.asarray(d["y_test"], dtype=np.int64),
+    )
 
 
-def cnn(method: str, seed: int, *, channels: int = 25, length: int = 40, n_out: int = 10, dtype=torch.float64) -> nn.Sequential:
+def cnn(
+    method: str, seed: int, *, channels: int = 25, length: int = 40, n_out: int = 10, dtype=torch.float64
+) -> nn.Sequential:
     """The mnist1d package's ConvBase layout with Keras' initial values, then ``method``."""
     g = torch.Generator().manual_seed(seed)
     layers: List[nn.Module] = [nn.Unflatten(1, (1, length))]
@@ -97,16 +114,42 @@ def make_split(data, seed: int, val_fraction: float = 0.1):
     return t(x[fit_idx], y[fit_idx]), t(x[val_idx], y[val_idx]), t(xt, yt)
 
 
-def train_one(data, model_name: str, method: str, seed: int, *, lr=None, epochs: int = 200, schedule: bool = True, progress=None,
-              optimizer: str = "adam", observe=None) -> dict:
+def train_one(
+    data,
+    model_name: str,
+    method: str,
+    seed: int,
+    *,
+    lr=None,
+    epochs: int = 200,
+    schedule: bool = True,
+    progress=None,
+    optimizer: str = "adam",
+    observe=None,
+) -> dict:
     """One run; ``schedule=False``: constant learning rate, no early stopping, the final iterate.
     ``observe(model)`` returns an ``on_step`` callback for :func:`common.fit` (e.g. a rotation meter)."""
     fit, val, test = make_split(data, seed)
     model = build(model_name, method, seed)
-    cfg = C.FitConfig(lr=C.paper_lr(method) if lr is None else lr, epochs=epochs, batch_size=100, mode="max",
-                      patience=30 if schedule else None, plateau_patience=15 if schedule else None, optimizer=optimizer)
-    res = C.fit(model, fit, loss_fn=nn.functional.cross_entropy, cfg=cfg, seed=seed, monitor=lambda m, _: accuracy(m, *val), progress=progress,
-                on_step=None if observe is None else observe(model))
+    cfg = C.FitConfig(
+        lr=C.paper_lr(method) if lr is None else lr,
+        epochs=epochs,
+        batch_size=100,
+        mode="max",
+        patience=30 if schedule else None,
+        plateau_patience=15 if schedule else None,
+        optimizer=optimizer,
+    )
+    res = C.fit(
+        model,
+        fit,
+        loss_fn=nn.functional.cross_entropy,
+        cfg=cfg,
+        seed=seed,
+        monitor=lambda m, _: accuracy(m, *val),
+        progress=progress,
+        on_step=None if observe is None else observe(model),
+    )
     with torch.no_grad():
         acc = accuracy(model, *test) if not res.nonfinite or res.restored else float("nan")
     return dict(seed=seed, test_acc=acc, val_acc=res.best_monitored, epochs=res.epochs, nonfinite=res.nonfinite)
@@ -120,8 +163,17 @@ def run(args) -> dict:
     epochs = args.epochs or (3 if args.quick else 200)
     methods, seeds = args.methods, args.seeds
     if args.protocol == "tuned":
-        config = dict(protocol="tuned", epochs=epochs, models=models, n_train=len(data[0]), n_test=len(data[2]), optimizer="adam")
-        return run_tuned(args, NAME, models, lambda u, m, s, lr: train_one(data, u, m, s, lr=lr, epochs=epochs), config, tuned_summary)
+        config = dict(
+            protocol="tuned", epochs=epochs, models=models, n_train=len(data[0]), n_test=len(data[2]), optimizer="adam"
+        )
+        return run_tuned(
+            args,
+            NAME,
+            models,
+            lambda u, m, s, lr: train_one(data, u, m, s, lr=lr, epochs=epochs),
+            config,
+            tuned_summary,
+        )
     results = {mod: {m: [] for m in methods} for mod in models}
     bar = C.progress_bar(len(models) * len(methods) * len(seeds), "mnist1d", args.quiet)
     for mod in models:
@@ -138,20 +190,51 @@ def run(args) -> dict:
 
 def summarize(results, seeds, config):
     """``(tables, notes)`` from ``results[model][method]`` (also merged from several runs)."""
-    header = ["model", "method", "lr", f"test accuracy (mean ± std, {len(seeds)} seeds)", "wins / losses vs SP (p)", "epochs"]
+    header = [
+        "model",
+        "method",
+        "lr",
+        f"test accuracy (mean ± std, {len(seeds)} seeds)",
+        "wins / losses vs SP (p)",
+        "epochs",
+    ]
     rows = []
     for mod in config["models"]:
         methods = [m for m in C.METHODS if m in results[mod]]
         for m in methods:
             acc = [r["test_acc"] for r in results[mod][m]]
-            wins = C.wins_cell(acc, [r["test_acc"] for r in results[mod]["SP"]], "max") if m != "SP" and "SP" in methods else "—"
-            rows.append([mod, C.LABELS[m], f"{C.paper_lr(m):g}", C.fmt_mean_std(acc, 3), wins, f"{np.mean([r['epochs'] for r in results[mod][m]]):.0f}"])
-    notes = (f"MNIST-1D default dataset ({config['n_train']} train, 10 % held out for validation; {config['n_test']} test), batch 100, ≤{config['epochs']} epochs, "
-             "float64, Adam (ε 1e-7), plateau ×0.1 after 15 and early stop after 30 epochs on validation accuracy.")
+            wins = (
+                C.wins_cell(acc, [r["test_acc"] for r in results[mod]["SP"]], "max")
+                if m != "SP" and "SP" in methods
+                else "—"
+            )
+            rows.append(
+                [
+                    mod,
+                    C.LABELS[m],
+                    f"{C.paper_lr(m):g}",
+                    C.fmt_mean_std(acc, 3),
+                    wins,
+                    f"{np.mean([r['epochs'] for r in results[mod][m]]):.0f}",
+                ]
+            )
+    notes = (
+        f"MNIST-1D default dataset ({config['n_train']} train, 10 % held out for validation; {config['n_test']} test), batch 100, ≤{config['epochs']} epochs, "
+        "float64, Adam (ε 1e-7), plateau ×0.1 after 15 and early stop after 30 epochs on validation accuracy."
+    )
     return [C.markdown_table(header, rows)], notes
 
 
-METRIC = TU.Metric(test="test_acc", val="val_acc", mode="max", kind="diff", scale=100.0, digits=3, effect_digits=1, label="test accuracy")
+METRIC = TU.Metric(
+    test="test_acc",
+    val="val_acc",
+    mode="max",
+    kind="diff",
+    scale=100.0,
+    digits=3,
+    effect_digits=1,
+    label="test accuracy",
+)
 UNIT_TITLE = {"mlp": "MNIST-1D MLP (40-100-100-10)", "cnn": "MNIST-1D CNN (3 conv layers of 25 channels)"}
 
 
@@ -160,8 +243,18 @@ def run_tuned(args, name, units, train, config, summary) -> dict:
     lrs = TU.parse_lrs(args.lrs, args.quick)
     config = dict(config, lrs=lrs)
     bar = C.progress_bar(len(units) * len(args.methods) * len(lrs) * len(args.seeds), name, args.quiet)
-    results = TU.run_grid(name=name, units=units, methods=args.methods, seeds=args.seeds, lrs=lrs, train=train, out=args.out,
-                          command=args.command, config=config, bar=bar)
+    results = TU.run_grid(
+        name=name,
+        units=units,
+        methods=args.methods,
+        seeds=args.seeds,
+        lrs=lrs,
+        train=train,
+        out=args.out,
+        command=args.command,
+        config=config,
+        bar=bar,
+    )
     bar.close()
     tables, notes = summary(results, args.seeds, config)
     return dict(table=tables[0], extra_tables=tables[1:], notes=notes, files=[], results=results, config=config)
@@ -170,8 +263,12 @@ def run_tuned(args, name, units, train, config, summary) -> dict:
 def tuned_summary(results, seeds, config):
     tables = []
     for u in config["models"]:
-        tables.append("\n".join(TU.summarize_unit(UNIT_TITLE[u], results[u], seeds, METRIC, C.METHODS, C.LABELS, C.paper_lr)))
-    notes = (f"MNIST-1D default dataset ({config['n_train']} train, 10 % held out for validation; {config['n_test']} test), batch 100, ≤{config['epochs']} epochs, "
-             "float64, Adam (ε 1e-7), plateau ×0.1 after 15 and early stop after 30 epochs on validation accuracy; the learning rate is chosen on "
-             "validation accuracy only (Note [Which learning rate is compared]).")
+        tables.append(
+            "\n".join(TU.summarize_unit(UNIT_TITLE[u], results[u], seeds, METRIC, C.METHODS, C.LABELS, C.paper_lr))
+        )
+    notes = (
+        f"MNIST-1D default dataset ({config['n_train']} train, 10 % held out for validation; {config['n_test']} test), batch 100, ≤{config['epochs']} epochs, "
+        "float64, Adam (ε 1e-7), plateau ×0.1 after 15 and early stop after 30 epochs on validation accuracy; the learning rate is chosen on "
+        "validation accuracy only (Note [Which learning rate is compared])."
+    )
     return tables, notes

@@ -22,7 +22,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["t_quantile", "t_interval", "bootstrap_interval", "stratified_bootstrap_interval", "paired", "effect_cell", "Effect"]
+__all__ = [
+    "t_quantile",
+    "t_interval",
+    "bootstrap_interval",
+    "stratified_bootstrap_interval",
+    "paired",
+    "effect_cell",
+    "Effect",
+]
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -59,7 +67,9 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Tuple[float, flo
     return m, m - half, m + half
 
 
-def bootstrap_interval(values: Sequence[float], level: float = 0.95, *, resamples: int = 10_000, seed: int = 0) -> Tuple[float, float, float]:
+def bootstrap_interval(
+    values: Sequence[float], level: float = 0.95, *, resamples: int = 10_000, seed: int = 0
+) -> Tuple[float, float, float]:
     """``(mean, low, high)``: the percentile bootstrap interval of the mean (resampling the
     finite values with replacement, ``resamples`` times, ``numpy.random.default_rng(seed)``)."""
     v = np.asarray([float(x) for x in values], dtype=np.float64)
@@ -72,8 +82,9 @@ def bootstrap_interval(values: Sequence[float], level: float = 0.95, *, resample
     return float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1.0 - a))
 
 
-def stratified_bootstrap_interval(groups: Sequence[Sequence[float]], level: float = 0.95, *, resamples: int = 10_000,
-                                  seed: int = 0) -> Tuple[float, float, float]:
+def stratified_bootstrap_interval(
+    groups: Sequence[Sequence[float]], level: float = 0.95, *, resamples: int = 10_000, seed: int = 0
+) -> Tuple[float, float, float]:
     """``(statistic, low, high)`` for the mean over groups of each group's mean, resampling
     within each group (pooled over datasets: every dataset counts once)."""
     gs = [np.asarray([float(x) for x in g], dtype=np.float64) for g in groups]
@@ -138,8 +149,13 @@ def effect_cell(e: Dict, scale: float = 1.0, digits: int = 1, *, boot: bool = Fa
     return text + (f" ({e['dropped']} dropped)" if e.get("dropped") else "")
 
 
-def pooled_effect(groups_values: Sequence[Sequence[float]], groups_reference: Sequence[Sequence[float]], kind: str = "logratio",
-                  *, seed: int = 0) -> Effect:
+def pooled_effect(
+    groups_values: Sequence[Sequence[float]],
+    groups_reference: Sequence[Sequence[float]],
+    kind: str = "logratio",
+    *,
+    seed: int = 0,
+) -> Effect:
     """Pooled over datasets: the mean of per-dataset mean effects with a stratified bootstrap
     interval (``t_low``/``t_high`` hold the same interval, so :func:`effect_cell` prints it)."""
     per, dropped = [], 0
@@ -148,7 +164,9 @@ def pooled_effect(groups_values: Sequence[Sequence[float]], groups_reference: Se
         per.append(d)
         dropped += k
     m, lo, hi = stratified_bootstrap_interval(per, seed=seed)
-    return Effect(mean=m, t_low=lo, t_high=hi, boot_low=lo, boot_high=hi, n=sum(len(d) for d in per), dropped=dropped, kind=kind)
+    return Effect(
+        mean=m, t_low=lo, t_high=hi, boot_low=lo, boot_high=hi, n=sum(len(d) for d in per), dropped=dropped, kind=kind
+    )
 
 
 def finite(values: Sequence[float]) -> List[float]:

@@ -40,8 +40,19 @@ import numpy as np
 from . import stats as S
 from . import tables as T
 
-__all__ = ["LR_GRID", "QUICK_GRID", "MATCHED", "lr_key", "parse_lrs", "provenance", "run_grid", "load_seed_files", "choose",
-           "summarize_unit", "Metric"]
+__all__ = [
+    "LR_GRID",
+    "QUICK_GRID",
+    "MATCHED",
+    "lr_key",
+    "parse_lrs",
+    "provenance",
+    "run_grid",
+    "load_seed_files",
+    "choose",
+    "summarize_unit",
+    "Metric",
+]
 
 LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
 QUICK_GRID = (1e-2, 0.1)
@@ -73,6 +84,7 @@ def parse_lrs(text: Optional[str], quick: bool) -> List[float]:
 def provenance() -> dict:
     """The git commit the code came from, whether tracked sources differed from it, and a sha256
     of ``georeparam/*.py`` and ``benchmarks/reproduce/*.py`` (what actually ran)."""
+
     def git(*a):
         try:
             return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=20).stdout.strip()
@@ -83,12 +95,26 @@ def provenance() -> dict:
     for f in sorted(list((REPO / "georeparam").glob("*.py")) + list((REPO / "benchmarks" / "reproduce").glob("*.py"))):
         h.update(f.relative_to(REPO).as_posix().encode())
         h.update(f.read_bytes())
-    return dict(commit=git("rev-parse", "HEAD") or "unknown", dirty=bool(git("status", "--porcelain", "--", "georeparam", "benchmarks")),
-                source_sha256=h.hexdigest()[:16])
+    return dict(
+        commit=git("rev-parse", "HEAD") or "unknown",
+        dirty=bool(git("status", "--porcelain", "--", "georeparam", "benchmarks")),
+        source_sha256=h.hexdigest()[:16],
+    )
 
 
-def run_grid(*, name: str, units: Sequence[str], methods: Sequence[str], seeds: Sequence[int], lrs: Sequence[float],
-             train: Callable[[str, str, int, float], dict], out: Path, command: str, config: dict, bar=None) -> Dict:
+def run_grid(
+    *,
+    name: str,
+    units: Sequence[str],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    lrs: Sequence[float],
+    train: Callable[[str, str, int, float], dict],
+    out: Path,
+    command: str,
+    config: dict,
+    bar=None,
+) -> Dict:
     """``results[unit][method][lr_key]`` = one record per seed (seed order), training
     ``train(unit, method, seed, lr)`` for every combination; writes each seed's file as it
     completes (Note [Per-seed result files])."""
@@ -108,8 +134,18 @@ def run_grid(*, name: str, units: Sequence[str], methods: Sequence[str], seeds: 
                     results[u][m][lr_key(lr)].append(rec)
                     if bar is not None:
                         bar.update(1)
-        T.write_json(folder / f"seed_{seed}.json", dict(name=name, seed=seed, command=command, config=config, lrs=[float(x) for x in lrs],
-                                                        provenance=prov, results=per))
+        T.write_json(
+            folder / f"seed_{seed}.json",
+            dict(
+                name=name,
+                seed=seed,
+                command=command,
+                config=config,
+                lrs=[float(x) for x in lrs],
+                provenance=prov,
+                results=per,
+            ),
+        )
     return results
 
 
@@ -127,7 +163,9 @@ def load_seed_files(folder: Path):
         if meta is None:
             meta = dict(name=d["name"], config=d["config"], lrs=d["lrs"])
         elif (d["name"], d["config"], d["lrs"]) != (meta["name"], meta["config"], meta["lrs"]):
-            raise ValueError(f"{f}: every seed file of one folder must share its experiment, configuration and grid. Got: {d['config']} vs {meta['config']}")
+            raise ValueError(
+                f"{f}: every seed file of one folder must share its experiment, configuration and grid. Got: {d['config']} vs {meta['config']}"
+            )
         seeds.append(d["seed"])
         if d["command"] not in commands:
             commands.append(d["command"])
@@ -180,7 +218,9 @@ def choose_per_seed(per_lr: Dict[str, List[dict]], metric: Metric) -> List[dict]
     return [per_lr[k][i] for i, k in enumerate(out)]
 
 
-def rule_records(per_method: Dict[str, Dict[str, List[dict]]], method: str, rule: str, metric: Metric, paper_lr) -> Optional[List[dict]]:
+def rule_records(
+    per_method: Dict[str, Dict[str, List[dict]]], method: str, rule: str, metric: Metric, paper_lr
+) -> Optional[List[dict]]:
     """The records of ``method`` under ``rule``: ``best``, ``per-seed``, ``paper`` or a learning
     rate key (``0.01``); None where the grid does not hold it."""
     per_lr = per_method[method]
@@ -193,12 +233,25 @@ def rule_records(per_method: Dict[str, Dict[str, List[dict]]], method: str, rule
 
 
 RULES = ("best", "per-seed", "paper") + tuple(lr_key(x) for x in MATCHED)
-RULE_TEXT = {"best": "best vs best (lr per method)", "per-seed": "best vs best (lr per method and seed)", "paper": "paper's rule (GmP 0.1, others 0.01)",
-             "0.01": "matched lr 0.01", "0.1": "matched lr 0.1"}
+RULE_TEXT = {
+    "best": "best vs best (lr per method)",
+    "per-seed": "best vs best (lr per method and seed)",
+    "paper": "paper's rule (GmP 0.1, others 0.01)",
+    "0.01": "matched lr 0.01",
+    "0.1": "matched lr 0.1",
+}
 
 
-def summarize_unit(title: str, per_method: Dict, seeds: Sequence[int], metric: Metric, methods_order: Sequence[str], labels: Dict[str, str],
-                   paper_lr, reference: str = "SP") -> List[str]:
+def summarize_unit(
+    title: str,
+    per_method: Dict,
+    seeds: Sequence[int],
+    metric: Metric,
+    methods_order: Sequence[str],
+    labels: Dict[str, str],
+    paper_lr,
+    reference: str = "SP",
+) -> List[str]:
     """Three Markdown tables for one unit (a model on a dataset): the test metric of every method
     under each rule, the effect against ``reference`` under each rule, and the full grid."""
     methods = [m for m in methods_order if m in per_method]
@@ -212,8 +265,12 @@ def summarize_unit(title: str, per_method: Dict, seeds: Sequence[int], metric: M
             cells.append(fmt(rule_records(per_method, m, rule, metric, paper_lr)))
         rows.append(cells)
     n = len(seeds)
-    out = [f"**{title}** — {metric['label']} (mean ± std over {n} seeds) under each learning-rate rule:", "",
-           T.markdown_table(["method", "chosen lr (val)"] + [RULE_TEXT[r] for r in rules], rows), ""]
+    out = [
+        f"**{title}** — {metric['label']} (mean ± std over {n} seeds) under each learning-rate rule:",
+        "",
+        T.markdown_table(["method", "chosen lr (val)"] + [RULE_TEXT[r] for r in rules], rows),
+        "",
+    ]
     if reference in methods and len(methods) > 1:
         erows = []
         for m in methods:
@@ -228,29 +285,61 @@ def summarize_unit(title: str, per_method: Dict, seeds: Sequence[int], metric: M
                     continue
                 va, vb = [r[metric["test"]] for r in a], [r[metric["test"]] for r in b]
                 e = S.effect(va, vb, metric["kind"])
-                cells.append(f"{S.effect_cell(e, metric.get('scale', 1.0), metric.get('effect_digits', 1))}; {T.wins_cell(va, vb, metric['mode'])}")
+                cells.append(
+                    f"{S.effect_cell(e, metric.get('scale', 1.0), metric.get('effect_digits', 1))}; {T.wins_cell(va, vb, metric['mode'])}"
+                )
             erows.append(cells)
-        what = ("difference in test accuracy, percentage points (method − SP)" if metric["kind"] == "diff"
-                else "ratio of test RMSE, geometric mean of per-seed ratios (method / SP; below 1 = lower RMSE)")
-        out += [f"Against {reference}, paired by seed — {what}, 95 % t interval; then wins / losses (two-sided sign test p):", "",
-                T.markdown_table(["method"] + [RULE_TEXT[r] for r in rules], erows), ""]
+        what = (
+            "difference in test accuracy, percentage points (method − SP)"
+            if metric["kind"] == "diff"
+            else "ratio of test RMSE, geometric mean of per-seed ratios (method / SP; below 1 = lower RMSE)"
+        )
+        out += [
+            f"Against {reference}, paired by seed — {what}, 95 % t interval; then wins / losses (two-sided sign test p):",
+            "",
+            T.markdown_table(["method"] + [RULE_TEXT[r] for r in rules], erows),
+            "",
+        ]
     keys = sorted({k for m in methods for k in per_method[m]}, key=float)
-    grows = [[labels[m]] + [(fmt(per_method[m][k]) + (" ◀" if k == choose(per_method[m], metric) else "")) if k in per_method[m] else "—" for k in keys]
-             for m in methods]
-    out += [f"Full grid — {metric['label']} per learning rate (◀: chosen on validation):", "",
-            T.markdown_table(["method \\ lr"] + keys, grows), ""]
+    grows = [
+        [labels[m]]
+        + [
+            (fmt(per_method[m][k]) + (" ◀" if k == choose(per_method[m], metric) else ""))
+            if k in per_method[m]
+            else "—"
+            for k in keys
+        ]
+        for m in methods
+    ]
+    out += [
+        f"Full grid — {metric['label']} per learning rate (◀: chosen on validation):",
+        "",
+        T.markdown_table(["method \\ lr"] + keys, grows),
+        "",
+    ]
     return out
 
 
-def pooled_table(title: str, per_unit: Dict[str, Dict], metric: Metric, methods_order: Sequence[str], labels: Dict[str, str], paper_lr,
-                 reference: str = "SP") -> List[str]:
+def pooled_table(
+    title: str,
+    per_unit: Dict[str, Dict],
+    metric: Metric,
+    methods_order: Sequence[str],
+    labels: Dict[str, str],
+    paper_lr,
+    reference: str = "SP",
+) -> List[str]:
     """One table over several units (datasets): per rule, the pooled effect against
     ``reference`` (:func:`stats.pooled_effect`: every unit counts once) and the pooled wins."""
     units = list(per_unit)
     methods = [m for m in methods_order if all(m in per_unit[u] for u in units)]
     if reference not in methods or len(methods) < 2:
         return []
-    rules = [r for r in RULES if r in ("best", "per-seed", "paper") or all(r in per_unit[u][m] for u in units for m in methods)]
+    rules = [
+        r
+        for r in RULES
+        if r in ("best", "per-seed", "paper") or all(r in per_unit[u][m] for u in units for m in methods)
+    ]
     rows = []
     for m in methods:
         if m == reference:
@@ -268,8 +357,14 @@ def pooled_table(title: str, per_unit: Dict[str, Dict], metric: Metric, methods_
             for a, b in zip(va, vb):
                 w, l, _ = T.paired_wins(a, b, metric["mode"])
                 W, L = W + w, L + l
-            cells.append(f"{S.effect_cell(e, metric.get('scale', 1.0), metric.get('effect_digits', 1))}; {W} / {L} (p {T.fmt_p(T.sign_test(W, L))})")
+            cells.append(
+                f"{S.effect_cell(e, metric.get('scale', 1.0), metric.get('effect_digits', 1))}; {W} / {L} (p {T.fmt_p(T.sign_test(W, L))})"
+            )
         rows.append(cells)
     what = "ratio of test RMSE (method / SP)" if metric["kind"] == "logratio" else "difference in points (method − SP)"
-    return [f"**{title}** — {what}, each dataset weighted once, 95 % stratified bootstrap interval; then pooled wins / losses (sign test p):", "",
-            T.markdown_table(["method"] + [RULE_TEXT[r] for r in rules], rows), ""]
+    return [
+        f"**{title}** — {what}, each dataset weighted once, 95 % stratified bootstrap interval; then pooled wins / losses (sign test p):",
+        "",
+        T.markdown_table(["method"] + [RULE_TEXT[r] for r in rules], rows),
+        "",
+    ]

@@ -105,7 +105,11 @@ def applies(radius: Tensor, angles: Tensor) -> bool:
     and plain (no ``torch.compile``, ``torch.func`` transform, export or subclass)."""
     if not _ENABLED or angles.device.type != "cuda" or angles.dtype not in _DTYPES:
         return False
-    if radius.dtype != angles.dtype or radius.device != angles.device or tuple(radius.shape) != tuple(angles.shape[:-1]):
+    if (
+        radius.dtype != angles.dtype
+        or radius.device != angles.device
+        or tuple(radius.shape) != tuple(angles.shape[:-1])
+    ):
         return False
     if angles.shape[-1] < 1 or angles.numel() == 0:
         return False
@@ -169,7 +173,9 @@ def scaled_unit(radius: Tensor, angles: Tensor, mode: str) -> Tensor:
     tensors; ``mode`` checked: both modes compute in float64). Any device Triton can launch on
     (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); :func:`applies` says when to call it."""
     if _kernels() is None:
-        raise RuntimeError(f"georeparam's Triton map needs triton. Got: {_IMPORT_ERROR}. Install triton or use the pure-torch map.")
+        raise RuntimeError(
+            f"georeparam's Triton map needs triton. Got: {_IMPORT_ERROR}. Install triton or use the pure-torch map."
+        )
     n = angles.shape[-1] + 1
     lead = angles.shape[:-1]
     rows = math.prod(lead)

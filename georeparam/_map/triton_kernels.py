@@ -77,7 +77,9 @@ def gmp_bwd(A, R, G, GA, GR, CARRY, n, n_blocks, BLOCK: tl.constexpr):
         g = tl.load(g_row + k, mask=k < n, other=0.0).to(tl.float64)
         kn = k + 1
         lat_n = kn < n - 2
-        t_n = tl.where(lat_n, tl.sin(_load(a_row, kn, lat_n)), tl.where(kn == n - 2, cos_t, tl.where(kn == n - 1, 1.0, 0.0)))
+        t_n = tl.where(
+            lat_n, tl.sin(_load(a_row, kn, lat_n)), tl.where(kn == n - 2, cos_t, tl.where(kn == n - 1, 1.0, 0.0))
+        )
         g_n = tl.load(g_row + kn, mask=kn < n, other=0.0).to(tl.float64)
         gu_n = g_n * t_n * (E * c)  # g_{k+1} u_{k+1}, u_{k+1} = t_{k+1} E'_k c'_k
         S = tl.cumsum(gu_n, axis=0, reverse=True) + suffix

@@ -40,7 +40,9 @@ from georeparam.layer import geometric_layers
 __all__ = ["GmPTrainer", "gmp_param_groups"]
 
 
-def gmp_param_groups(model: nn.Module, lr: float, weight_decay: float, decay_names: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+def gmp_param_groups(
+    model: nn.Module, lr: float, weight_decay: float, decay_names: Optional[List[str]] = None
+) -> List[Dict[str, Any]]:
     """:func:`georeparam.param_groups` with HF's rule for the rest: of the ``"other"`` parameters,
     only those in ``decay_names`` (HF: not biases, not norms) get ``weight_decay``. Frozen
     parameters are left out, as HF's optimizer does."""
@@ -82,7 +84,9 @@ class GmPTrainer(transformers.Trainer):
             kwargs = dict(kwargs)
             kwargs.pop("params", None)
             kwargs.pop("model", None)
-            groups = gmp_param_groups(opt_model, self.args.learning_rate, self.args.weight_decay, self.get_decay_parameter_names(opt_model))
+            groups = gmp_param_groups(
+                opt_model, self.args.learning_rate, self.args.weight_decay, self.get_decay_parameter_names(opt_model)
+            )
             optimizer = cls(groups, **kwargs)
             if type(optimizer) in georeparam.optim.PARITY and geometric_layers(opt_model):
                 optimizer = georeparam.GeometricOptimizer(optimizer, opt_model)

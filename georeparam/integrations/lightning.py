@@ -31,7 +31,13 @@ __all__ = ["GmPCallback"]
 class GmPCallback(pl.Callback):
     """Register in ``setup``, EMA of ``w`` and ``b``, plain export (module docstring)."""
 
-    def __init__(self, *, register_kwargs: Optional[Dict[str, Any]] = None, ema_decay: Optional[float] = None, export: Optional[str] = None):
+    def __init__(
+        self,
+        *,
+        register_kwargs: Optional[Dict[str, Any]] = None,
+        ema_decay: Optional[float] = None,
+        export: Optional[str] = None,
+    ):
         super().__init__()
         self.register_kwargs = dict(register_kwargs or {})
         self.ema_decay = ema_decay
