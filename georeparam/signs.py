@@ -32,6 +32,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from ._map import functorch_wrapped
 from .layouts import Layout, entry_of, is_supported, layout_of
 from . import unitpath as up
 from .placement import Placement
@@ -223,14 +224,9 @@ def _skippable(s: Tensor, x: Tensor) -> bool:
     """
     if x.device.type != "cpu" or s.device.type != "cpu" or torch.compiler.is_compiling():
         return False
-    if type(s) is not Tensor or _wrapped(s) or _wrapped(x):
+    if type(s) is not Tensor or functorch_wrapped(s) or functorch_wrapped(x):
         return False
     return s.numel() == 0 or bool(s.min() >= 0)  # a NaN radius is not skipped (its sign is +1 anyway)
-
-
-def _wrapped(t: Tensor) -> bool:
-    fn = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return fn is None or bool(fn(t))
 
 
 class SignGroup(list):
