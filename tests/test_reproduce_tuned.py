@@ -152,6 +152,20 @@ def test_summarize_unit_compares_under_each_rule():
     assert "◀" in text
 
 
+def test_pooled_table_marks_a_rule_the_grid_cannot_answer():
+    """A grid with only lr 0.01 has no paper's-rule or matched-0.1 records for GmP: those cells are
+    '–' (it raised a TypeError before), the others are computed."""
+    unit = _grid({"SP": {"0.01": [(0.6, 0.60), (0.6, 0.62)]}, "GmP": {"0.01": [(0.5, 0.65), (0.5, 0.66)]}})
+    text = "\n".join(
+        TU.pooled_table("toy", {"a": unit, "b": unit}, METRIC, ["SP", "GmP"], {"SP": "SP", "GmP": "GmP"}, C.paper_lr)
+    )
+    header, rows = C.parse_markdown_table(text)
+    cells = dict(zip(header[1:], rows[0][1:]))
+    assert cells["paper's rule (GmP 0.1, others 0.01)"] == "–"
+    assert "matched lr 0.1" not in cells
+    assert cells["matched lr 0.01"].startswith("+4.5 ") and cells["matched lr 0.01"].endswith("4 / 0 (p 0.125)")
+
+
 def test_seed_files_round_trip_and_refuse_mixed_configs(tmp_path):
     calls = []
 

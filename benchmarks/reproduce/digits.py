@@ -125,7 +125,7 @@ def run(args) -> dict:
     epochs = args.epochs or (3 if args.quick else 200)
     config = dict(protocol=args.protocol, epochs=epochs, models=models, n=len(data[0]), optimizer="adam")
     if args.protocol == "tuned":
-        return M.run_tuned(
+        return TU.run_tuned(
             args, NAME, models, lambda u, m, s, lr: train_one(data, u, m, s, lr=lr, epochs=epochs), config, summarize
         )
     results = {u: {m: {} for m in args.methods} for u in models}  # the paper's rule: each method at its own lr only

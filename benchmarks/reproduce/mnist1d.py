@@ -166,7 +166,7 @@ def run(args) -> dict:
         config = dict(
             protocol="tuned", epochs=epochs, models=models, n_train=len(data[0]), n_test=len(data[2]), optimizer="adam"
         )
-        return run_tuned(
+        return TU.run_tuned(
             args,
             NAME,
             models,
@@ -236,28 +236,6 @@ METRIC = TU.Metric(
     label="test accuracy",
 )
 UNIT_TITLE = {"mlp": "MNIST-1D MLP (40-100-100-10)", "cnn": "MNIST-1D CNN (3 conv layers of 25 channels)"}
-
-
-def run_tuned(args, name, units, train, config, summary) -> dict:
-    """The tuned protocol for an experiment whose units (models) share one training function."""
-    lrs = TU.parse_lrs(args.lrs, args.quick)
-    config = dict(config, lrs=lrs)
-    bar = C.progress_bar(len(units) * len(args.methods) * len(lrs) * len(args.seeds), name, args.quiet)
-    results = TU.run_grid(
-        name=name,
-        units=units,
-        methods=args.methods,
-        seeds=args.seeds,
-        lrs=lrs,
-        train=train,
-        out=args.out,
-        command=args.command,
-        config=config,
-        bar=bar,
-    )
-    bar.close()
-    tables, notes = summary(results, args.seeds, config)
-    return dict(table=tables[0], extra_tables=tables[1:], notes=notes, files=[], results=results, config=config)
 
 
 def tuned_summary(results, seeds, config):

@@ -38,6 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import stats as S
+from .common import progress_bar
 from . import tables as T
 
 __all__ = [
@@ -147,6 +148,28 @@ def run_grid(
             ),
         )
     return results
+
+
+def run_tuned(args, name, units, train, config, summary) -> dict:
+    """The tuned protocol (:func:`run_grid` over every unit, then ``summary``) for an experiment whose units (models, datasets) share one training function ``train(unit, method, seed, lr)``."""
+    lrs = parse_lrs(args.lrs, args.quick)
+    config = dict(config, lrs=lrs)
+    bar = progress_bar(len(units) * len(args.methods) * len(lrs) * len(args.seeds), name, args.quiet)
+    results = run_grid(
+        name=name,
+        units=units,
+        methods=args.methods,
+        seeds=args.seeds,
+        lrs=lrs,
+        train=train,
+        out=args.out,
+        command=args.command,
+        config=config,
+        bar=bar,
+    )
+    bar.close()
+    tables, notes = summary(results, args.seeds, config)
+    return dict(table=tables[0], extra_tables=tables[1:], notes=notes, files=[], results=results, config=config)
 
 
 def load_seed_files(folder: Path):
@@ -346,12 +369,18 @@ def pooled_table(
             continue
         cells = [labels[m]]
         for rule in rules:
-            va, vb = [], []
-            for u in units:
-                a = rule_records(per_unit[u], m, rule, metric, paper_lr)
-                b = rule_records(per_unit[u], reference, rule, metric, paper_lr)
-                va.append([r[metric["test"]] for r in a])
-                vb.append([r[metric["test"]] for r in b])
+            pairs = [
+                (
+                    rule_records(per_unit[u], m, rule, metric, paper_lr),
+                    rule_records(per_unit[u], reference, rule, metric, paper_lr),
+                )
+                for u in units
+            ]
+            if any(a is None or b is None for a, b in pairs):  # the grid lacks a learning rate the rule needs
+                cells.append("–")
+                continue
+            va = [[r[metric["test"]] for r in a] for a, _ in pairs]
+            vb = [[r[metric["test"]] for r in b] for _, b in pairs]
             e = S.pooled_effect(va, vb, metric["kind"])
             W = L = 0
             for a, b in zip(va, vb):

@@ -321,7 +321,6 @@ def run_tuned(args, loaded, epochs, skipped) -> dict:
         lrs=lrs,
         optimizer="adam",
     )
-    bar = C.progress_bar(len(names) * len(args.methods) * len(lrs) * len(args.seeds), "uci", args.quiet)
 
     def train(name, method, seed, lr):
         X, y = loaded[name]
@@ -337,22 +336,9 @@ def run_tuned(args, loaded, epochs, skipped) -> dict:
             targets=args.targets,
         )
 
-    results = TU.run_grid(
-        name=NAME,
-        units=names,
-        methods=args.methods,
-        seeds=args.seeds,
-        lrs=lrs,
-        train=train,
-        out=args.out,
-        command=args.command,
-        config=config,
-        bar=bar,
-    )
-    bar.close()
-    tables, notes = tuned_summary(results, args.seeds, config)
-    notes += f" Skipped (data absent): {'; '.join(skipped)}." if skipped else ""
-    return dict(table=tables[0], extra_tables=tables[1:], notes=notes, files=[], results=results, config=config)
+    out = TU.run_tuned(args, NAME, names, train, config, tuned_summary)
+    out["notes"] += f" Skipped (data absent): {'; '.join(skipped)}." if skipped else ""
+    return out
 
 
 def tuned_summary(results, seeds, config):
