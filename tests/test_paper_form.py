@@ -246,6 +246,40 @@ def test_effective_radius_is_abs_with_tiny_zero_and_sign_gradient(dtype):
     assert unit_sign(r).dtype == dtype and unit_sign(r).tolist() == [1.0, -1.0, 1.0, 1.0, 1.0]
 
 
+_RADII = st.lists(
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -3.0, 1e-30, -1e-30, 1e-45, float("nan"), float("inf")])
+    | st.floats(-1e3, 1e3, width=32),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=_RADII, dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_effective_radius_fast_paths_match_the_formula_bit_for_bit(values, dtype):
+    """Note [The paper form's fixed cost]: the host-read shortcuts (all r > 0: r itself; some r < 0
+    and none 0: r·sign(r)) give the value and gradient of the general form, written here from its
+    definition (|r|, an exact ±0 carried as the zero carrier, ∂/∂r = s with s(±0) = s(NaN) = +1),
+    bit for bit, over radii with zeros, signed zeros, subnormals, NaN and inf; and so does the same
+    call under vmap, where the shortcuts cannot run."""
+    from georeparam.parametrization import GeometricWeight, zero_carrier
+    from georeparam.signs import unit_sign
+
+    p = GeometricWeight((len(values), 3), sign_after=True)
+    r = torch.tensor(values, dtype=dtype, requires_grad=True)
+    eff = p.effective_radius(r)
+    (g,) = torch.autograd.grad(eff, r, torch.ones_like(eff))
+    rd = r.detach()
+    s_ref = torch.tensor([-1.0 if v < 0 else 1.0 for v in rd.tolist()], dtype=dtype)
+    eff_ref = torch.where(rd == 0, torch.tensor(zero_carrier(dtype), dtype=dtype), rd.abs())
+    assert torch.equal(eff.detach().isnan(), rd.isnan())
+    keep = ~rd.isnan()
+    assert eff.detach()[keep].tolist() == eff_ref[keep].tolist()
+    assert g.tolist() == s_ref.tolist() and unit_sign(r).tolist() == s_ref.tolist()
+    batched = torch.func.vmap(lambda t: p.effective_radius(t))(rd.unsqueeze(0)).squeeze(0)
+    assert batched[keep].tolist() == eff_ref[keep].tolist()
+
+
 def negative_model(case="conv_flat", seed=2):
     model, x, y = data(case, seed)
     register(model)
