@@ -394,6 +394,50 @@ def model_rows(
     return rows
 
 
+def paper_row(width: int, depth: int, batch: int, repeats: int, warmup: int) -> List[str]:
+    """The paper form's fixed cost per ReLU-followed layer and step, in µs over the weight form:
+    an MLP of ``depth`` ReLU layers ``width`` wide at a small batch (so per-layer Python and op
+    overheads, not arithmetic, dominate), all radii > 0 (as at initialization) and every other
+    radius negated (after training, some are)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, width, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+
+    def make(form: str, negate: bool) -> nn.Module:
+        torch.manual_seed(0)
+        layers: List[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        model = nn.Sequential(*layers, nn.Linear(width, 10))
+        georeparam.register(model, form=form)
+        if negate:
+            with torch.no_grad():
+                for m in model.modules():
+                    if "weight" in getattr(m, "parametrizations", {}):
+                        m.parametrizations.weight.original0[::2] *= -1
+        return model
+
+    steps = {
+        "weight": step_fn(make("weight", False), x, y),
+        "paper": step_fn(make("paper", False), x, y),
+        "paper_neg": step_fn(make("paper", True), x, y),
+    }
+    t = interleaved(steps, repeats, warmup)
+
+    def per_layer(key: str) -> float:
+        return statistics.median((a - b) / depth * 1e6 for a, b in zip(t[key], t["weight"]))
+
+    return [
+        f"paper form − weight form, µs per ReLU-followed layer and step: all r > 0 · half r < 0 (MLP {depth}×{width})",
+        f"batch {batch}",
+        f"{per_layer('paper'):.0f} · {per_layer('paper_neg'):.0f}",
+        "–",
+        "–",
+        f"{statistics.median(t['weight']) * 1e3:.2f} ms",
+        "≤ 100",
+    ]
+
+
 def precision_table(quick: bool) -> int:
     """Worst relative error over 16 random float32 directions (rows) of u(angles) and of the
     angle gradient, against float64 evaluations of the same float32 angles."""
@@ -465,7 +509,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 3, quick 1)")
     p.add_argument(
         "--only",
-        choices=["transform", "mlp", "cnn", "transformer", "resnet", "register"],
+        choices=["transform", "mlp", "cnn", "transformer", "resnet", "register", "paper"],
         action="append",
         help="run only these parts",
     )
@@ -520,7 +564,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     t0 = time.perf_counter()
     rows: List[List[str]] = []
-    parts = set(args.only or ["transform", "mlp", "cnn", "transformer", "resnet", "register"])
+    parts = set(args.only or ["transform", "mlp", "cnn", "transformer", "resnet", "register", "paper"])
     if "transform" not in parts:
         sizes = []
     for units, fan_in in sizes:
@@ -549,6 +593,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
     if "register" in parts:
         rows.append(register_row(reg_sizes, 3))
+    if "paper" in parts:
+        rows.append(
+            paper_row(8 if args.quick else 32, 2 if args.quick else 8, 8, repeats * (1 if args.quick else 10), warmup)
+        )
 
     header = ["measurement", "size", "GmP exact", "GmP fast", "weight norm", "baseline", "target"]
     print(f"| {' | '.join(header)} |")
