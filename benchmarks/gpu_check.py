@@ -15,11 +15,13 @@ Sections (each is timed and recorded; a failing section records its error and th
    losses and of the final weights along the way.
 3. ``step_ratios``: training step GmP (exact, fast) and weight norm over standard, MLP, CNN and
    a transformer block at realistic batch sizes (CUDA events, medians of interleaved rounds),
-   GmP by both GPU paths: the Triton kernels (``*_triton``, where triton is installed) and the
-   pure-torch recomputing map (``*_torch``); and each variant's extra peak memory of a step over
+   GmP by every GPU path: the Triton kernels (``*_triton``, where triton is installed), the
+   pure-torch recomputing map (``*_torch``) and, in exact mode, the pure-torch map that saves ``u``
+   and the prefix (``exact_saving``: what Note [Which pure-torch map] chose against); and each
+   variant's extra peak memory of a step over
    the standard step, in parameter bytes (``torch.cuda.max_memory_allocated``; on CPU the
    profiler's allocator events, as benchmarks/speed.py).
-4. ``map_cost``: the map's forward+backward in exact and fast mode by both paths against weight
+4. ``map_cost``: the map's forward+backward in exact and fast mode by every path against weight
    norm's and against a float32 log-domain prefix ``exp(cumsum(log1p(−2 sin²(φ/2))))``, with each
    one's float32 error (and under bf16 autocast) against a float64 CPU evaluation of the paper's
    formula at fan-ins up to 25,088: what float64 costs on this device, and what the alternative
@@ -56,24 +58,38 @@ try:
     from georeparam._map import triton_impl
 except ImportError:  # a checkout without the Triton map
     triton_impl = None
+try:
+    from georeparam._map import use_backend
+except ImportError:  # a checkout without the backend table
+    use_backend = None
 from speed import peak_extra_bytes, param_bytes
 
 
 def paths(device: torch.device) -> List[str]:
-    """The GPU paths to time on this device: ``triton`` where it applies, and ``torch`` always."""
+    """The GPU paths to time on this device: ``triton`` where it applies; ``torch``, the
+    dispatcher's pure-torch choice with Triton off (the recomputing map off the CPU); and, off the
+    CPU, ``saving``, the pure-torch map that saves ``u`` and the prefix (what the CPU runs), which
+    Note [Which pure-torch map] in ``georeparam/_map/dispatch.py`` chose against without a GPU."""
+    out = ["torch"]
     if triton_impl is not None and device.type == "cuda" and triton_impl.available():
-        return ["triton", "torch"]
-    return ["torch"]
+        out.insert(0, "triton")
+    if device.type != "cpu" and use_backend is not None:
+        out.append("saving")
+    return out
 
 
 def on_path(path: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` run with the Triton map on (``triton``) or off (``torch``)."""
+    """``fn`` run with the Triton map on (``triton``), off (``torch``), or off with only the
+    saving pure-torch map (``saving``)."""
 
     def run():
         if triton_impl is None:
             return fn()
         was = triton_impl.set_enabled(path == "triton")
         try:
+            if path == "saving":
+                with use_backend("torch"):
+                    return fn()
             return fn()
         finally:
             triton_impl.set_enabled(was)
@@ -260,7 +276,8 @@ def step_ratios(device: torch.device, quick: bool) -> dict:
 
             if kind in ("exact", "fast"):
                 for path in res["paths"]:
-                    steps[f"{kind}_{path}"] = on_path(path, step)
+                    if path != "saving" or kind == "exact":  # the saving map in one mode only (the budget)
+                        steps[f"{kind}_{path}"] = on_path(path, step)
             else:
                 steps[kind] = step
         t = timed(steps, device, repeats, warmup)

@@ -172,11 +172,11 @@ def test_map_package_imports_form_a_dag_without_private_names(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_recomputing_map_is_opt_in_and_agrees_with_the_default(dtype):
+def test_the_recomputing_map_is_opt_in_on_cpu_and_agrees_with_the_default(dtype):
     g = torch.Generator().manual_seed(5)
     r = (torch.rand(7, generator=g, dtype=dtype) + 0.5).requires_grad_()
     a = torch.randn(7, 12, generator=g, dtype=dtype).requires_grad_()
-    assert backend_for(r.detach(), a.detach()) != "recompute"  # never chosen unless asked for
+    assert backend_for(r.detach(), a.detach()) != "recompute"  # on CPU never chosen unless asked for
     outs = {}
     for name in ("recompute", "torch"):
         with use_backend(name):
@@ -187,3 +187,20 @@ def test_the_recomputing_map_is_opt_in_and_agrees_with_the_default(dtype):
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     for x, y in zip(outs["recompute"], outs["torch"]):
         torch.testing.assert_close(x, y, **tol)
+
+
+def test_every_other_device_gets_the_recomputing_map():
+    """Note [Which pure-torch map]: off the CPU (here the meta device, which runs the same ops
+    for shapes only) the recomputing map is chosen, forward and backward run, and
+    ``use_backend("torch")`` still selects the saving map."""
+    r = torch.ones(5, device="meta", requires_grad=True)
+    a = torch.zeros(5, 8, device="meta", requires_grad=True)
+    assert backend_for(r.detach(), a.detach()) == "recompute"
+    for mode in ("exact", "fast"):
+        w = scaled_unit(r, a, mode)
+        assert w.shape == (5, 9) and w.device.type == "meta"
+        assert type(w.grad_fn).__name__.startswith("ScaledUnitRecompute")
+        gr, ga = torch.autograd.grad(w, (r, a), torch.ones_like(w))
+        assert gr.shape == r.shape and ga.shape == a.shape
+    with use_backend("torch"):
+        assert backend_for(r.detach(), a.detach()) == "torch"

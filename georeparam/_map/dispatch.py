@@ -30,10 +30,22 @@ Backend = Tuple[str, Callable[[Tensor, Tensor], bool], Callable[[Tensor, Tensor,
 BACKENDS: List[Backend] = [
     ("cpu", cpu.applies, cpu.scaled_unit),
     ("triton", lambda r, a: triton_impl.applies(r, a), lambda r, a, m: triton_impl.scaled_unit(r, a, m)),
-    # opt-in (use_backend("recompute")): 0.4x instead of 2.8x a step's parameter bytes of extra
-    # memory, at 1.7-2.8x the pure-torch map's CPU time (docs/speed.md), so not chosen by default
-    ("recompute", lambda r, a: _only == "recompute", recompute.scaled_unit),
+    # every device but the CPU (Note [Which pure-torch map]); on CPU only with use_backend("recompute")
+    ("recompute", lambda r, a: _only == "recompute" or a.device.type != "cpu", recompute.scaled_unit),
 ]
+
+# Note [Which pure-torch map]
+# Two pure-torch maps agree to rounding (tests/test_map_dispatch.py): ``torch_impl`` saves ``u``
+# and the cosines' prefix (8 bytes per float32 weight for the whole step), ``recompute`` saves only
+# its inputs and recomputes the sines and float64 cosines in the backward. Measured on CPU
+# (docs/speed.md, 1 thread): recompute's extra peak memory of an MLP step is 0.4x the parameter
+# bytes against 2.8x, but its map fwd+bwd takes ~2x the CPU time (the second float64 cosine pass,
+# ~3 ns per weight, is compute the CPU has to spend). So the CPU keeps ``torch_impl`` (and CPU
+# users mostly get the compiled kernel anyway). On an accelerator the map is memory-bound, the
+# saved tensors were most of its traffic and of its memory, and elementwise sines are cheap next
+# to them: every non-CPU device (CUDA without Triton, and CUDA under torch.compile / torch.func,
+# MPS, XPU, ...) gets ``recompute``. That choice is reasoned, not timed: no GPU has been lent
+# yet, and benchmarks/gpu_check.py times both maps (``use_backend``) where one is.
 
 _only: Optional[str] = None  # set by use_backend
 
