@@ -474,12 +474,62 @@ def precision_table(quick: bool) -> int:
     return 0
 
 
+def resnet_breakdown(quick: bool) -> int:
+    """Where a GmP training step of ResNet-18 at batch 2 spends its extra time over the standard
+    step: the map alone (forward+backward of ``scaled_unit`` on every registered layer's radius and
+    angles, summed: the arithmetic), and the rest (parametrize, ``|r|``, the bias product, the sign
+    hooks, and the memory traffic of writing every weight fresh each step). Interleaved rounds,
+    medians; meaningful with ``--threads 1 --cpu-time``."""
+    gen = torch.Generator().manual_seed(1)
+    width, side, batch = (4, 16, 2) if quick else (64, 64, 2)
+    x = torch.randn(batch, 3, side, side, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    make = lambda: resnet18(width)  # noqa: E731
+    models = {k: variant(make, k) for k in ("standard", "exact", "wn")}
+    steps = {k: step_fn(m, x, y) for k, m in models.items()}
+    coords = []
+    for m in models["exact"].modules():
+        plist = getattr(m, "parametrizations", {})
+        if "weight" in plist:
+            r, a = plist.weight.original0.detach(), plist.weight.original1.detach()
+            coords.append(
+                (r.clone().requires_grad_(), a.clone().requires_grad_(), torch.randn(r.shape + (a.shape[-1] + 1,)))
+            )
+
+    def maps():
+        for r, a, g in coords:
+            scaled_unit(r, a, "exact").backward(g)
+
+    steps["map"] = maps
+    repeats = 3 if quick else 11
+    t = interleaved_medians(steps, repeats, 1 if quick else 2)
+    ms = {k: v * 1e3 for k, v in t.items()}
+    weights = sum(g.numel() for _, _, g in coords)
+    extra = ms["exact"] - ms["standard"]
+    print(
+        f"ResNet-18 width {width} at {side}×{side}, batch {batch}, {len(coords)} registered layers, "
+        f"{weights / 1e6:.1f} M weights; medians of {repeats} interleaved rounds, {torch.get_num_threads()} thread(s)"
+    )
+    print("| | ms per step | / standard |\n|---|---|---|")
+    print(f"| standard step | {ms['standard']:.1f} | 1.00 |")
+    print(f"| GmP step (exact) | {ms['exact']:.1f} | {ms['exact'] / ms['standard']:.2f} |")
+    print(f"| weight-norm step | {ms['wn']:.1f} | {ms['wn'] / ms['standard']:.2f} |")
+    print(f"| GmP's extra | {extra:.1f} | |")
+    print(
+        f"| … the map alone, fwd+bwd over all layers ({ms['map'] / weights * 1e6:.2f} ns per weight) | {ms['map']:.1f} | |"
+    )
+    print(f"| … the rest | {extra - ms['map']:.1f} | |")
+    return 0
+
+
 def profile_step(which: str, mode: str, quick: bool) -> int:
     """Print where a GmP training step spends its time (numpy's sin/cos show up as the
     Function's self time: torch.profiler does not see inside numpy)."""
     from torch.profiler import profile
 
     gen = torch.Generator().manual_seed(1)
+    if which == "resnet":
+        return resnet_breakdown(quick)
     if which == "mlp":
         sizes = (64, 32, 32, 10) if quick else (784, 1024, 1024, 10)
         make, x = (lambda: mlp(sizes)), torch.randn(8 if quick else 256, sizes[0], generator=gen)
@@ -515,8 +565,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     p.add_argument(
         "--profile",
-        choices=["mlp", "cnn"],
-        help="instead of the table: torch.profiler's top ops of five GmP training steps (--mode)",
+        choices=["mlp", "cnn", "resnet"],
+        help="instead of the table: torch.profiler's top ops of five GmP training steps (--mode); "
+        "resnet: where ResNet-18's extra time at batch 2 goes (the map alone vs the rest)",
     )
     p.add_argument("--mode", choices=["exact", "fast"], default="fast", help="GmP mode for --profile")
     p.add_argument(

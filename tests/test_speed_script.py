@@ -35,14 +35,44 @@ def test_quick_run_prints_one_complete_table():
     for model in ("transformer block", "ResNet-18"):
         assert sum(k.startswith("training step") and model in k for k in kinds) == 1, model
     assert sum(k.startswith("register, ns per parameter") for k in kinds) == 1
+    assert sum(k.startswith("paper form − weight form") for k in kinds) == 1
     assert "kernel:" in proc.stdout  # says whether the compiled kernel ran
     for r in rows:
         for cell in r[2:5]:
             if cell != "–":
                 v = float(cell.split()[0])  # "1.23 [1.20, 1.26]": median [quartiles]
                 assert math.isfinite(v)
-                if not r[0].startswith("extra peak memory"):
+                if not r[0].startswith(("extra peak memory", "paper form")):  # differences can be ≤ 0 at toy size
                     assert v > 0
+
+
+def test_resnet_breakdown_splits_the_extra_into_the_map_and_the_rest():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--profile", "resnet", "--quick", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("| ") and not line.startswith("| |"):
+            name, ms = [c.strip() for c in line.strip("|").split("|")][:2]
+            cells[name.split(" (")[0]] = float(ms)
+    assert {
+        "standard step",
+        "GmP step",
+        "GmP's extra",
+        "… the map alone, fwd+bwd over all layers",
+        "… the rest",
+    } <= set(cells), cells
+    assert cells["standard step"] > 0 and cells["… the map alone, fwd+bwd over all layers"] > 0
+    assert math.isclose(
+        cells["GmP's extra"], cells["… the map alone, fwd+bwd over all layers"] + cells["… the rest"], abs_tol=0.15
+    )
 
 
 def test_gpu_check_runs_on_cpu_at_toy_size(tmp_path):
