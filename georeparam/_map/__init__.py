@@ -5,8 +5,11 @@ r"""The GmP map ``(radius, latitude angles) → r·u``: the library's hot path, 
 
 * ``dispatch.py``: the one backend choice (:func:`scaled_unit`, :func:`use_backend`);
 * ``modes.py``: the table of modes both backends read;
-* ``torch_impl.py``: the pure-torch map (every device, compile, ``torch.func``);
+* ``torch_impl.py``: the pure-torch map that saves ``u`` (CPU without the kernel, ``torch.func``);
 * ``cpu.py``, ``build.py``, ``kernel/``: the compiled CPU kernel, its build and its C source;
+  ``cpu_op.py``: the same kernel as ``torch.library`` custom ops, for ``torch.compile``;
+* ``recompute.py``: the recomputing pure-torch map (every device but the CPU);
+* ``triton_impl.py``, ``triton_kernels.py``: the fused GPU map;
 * ``_compat.py``: every probe of torch internals, and the switch ``GEOREPARAM_NO_FAST_PATHS``.
 """
 

@@ -68,6 +68,7 @@ __all__ = [
     "SOURCES",
     "FLAGS",
     "KERNEL_DIR",
+    "is_loaded",
 ]
 
 log = logging.getLogger(__name__)
@@ -440,6 +441,12 @@ def load() -> Optional[ctypes.CDLL]:
                 log.warning("georeparam: %s", _STATUS)
             _TRIED = True
     return _LIB
+
+
+def is_loaded() -> bool:
+    """Whether the kernel is loaded now (never builds or loads it: a plain read that
+    ``torch.compile`` traces without a graph break)."""
+    return _LIB is not None
 
 
 def status() -> str:

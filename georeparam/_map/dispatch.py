@@ -18,7 +18,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import cpu, recompute, torch_impl, triton_impl
+from . import cpu, cpu_op, recompute, torch_impl, triton_impl
 from .build import kernel_status
 from .modes import check_mode, work_dtype
 
@@ -29,6 +29,7 @@ __all__ = ["BACKENDS", "Backend", "unit", "scaled_unit", "use_backend", "backend
 Backend = Tuple[str, Callable[[Tensor, Tensor], bool], Callable[[Tensor, Tensor, str], Tensor]]
 BACKENDS: List[Backend] = [
     ("cpu", cpu.applies, cpu.scaled_unit),
+    ("cpu_compiled", cpu_op.applies, cpu_op.scaled_unit),  # the same kernel inside torch.compile
     ("triton", lambda r, a: triton_impl.applies(r, a), lambda r, a, m: triton_impl.scaled_unit(r, a, m)),
     # every device but the CPU (Note [Which pure-torch map]); on CPU only with use_backend("recompute")
     ("recompute", lambda r, a: _only == "recompute" or a.device.type != "cpu", recompute.scaled_unit),
