@@ -474,6 +474,73 @@ def precision_table(quick: bool) -> int:
     return 0
 
 
+def compile_rows(sizes: Sequence[int], batch: int, repeats: int, warmup: int) -> List[List[str]]:
+    """``torch.compile`` (inductor) of an MLP training step: compiled GmP / compiled standard with
+    the kernel's custom ops in the graph (Note [The kernel in a compiled graph] in
+    ``georeparam/_map/cpu_op.py``) and with the pure-torch map traced instead (``use_backend("torch")``,
+    what every compiled graph ran before), paper and weight form; and the first compiled step's wall
+    time (the compile; it depends on the state of torch's on-disk caches)."""
+    from georeparam._map import use_backend
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, sizes[0], generator=gen)
+    y = torch.randint(0, sizes[-1], (batch,), generator=gen)
+
+    def compiled_step(form: Optional[str], backend: Optional[str]):
+        torch.manual_seed(0)
+        model = mlp(sizes)
+        if form is not None:
+            georeparam.register(model, form=form)
+        step = step_fn(torch.compile(model), x, y)
+
+        def run():
+            if backend is None:
+                return step()
+            with use_backend(backend):  # every call, so that dynamo's guard on the choice holds
+                return step()
+
+        t0 = time.perf_counter()
+        run()
+        return run, time.perf_counter() - t0
+
+    steps, cold = {}, {}
+    for key, form, backend in [
+        ("standard", None, None),
+        ("paper", "paper", None),
+        ("paper_torch", "paper", "torch"),
+        ("weight", "weight", None),
+        ("weight_torch", "weight", "torch"),
+    ]:
+        steps[key], cold[key] = compiled_step(form, backend)
+    t = interleaved(steps, repeats, warmup)
+    name = f"MLP {'-'.join(map(str, sizes))}"
+    rows = []
+    for form in ("paper", "weight"):
+        rows.append(
+            [
+                f"torch.compile: compiled GmP / compiled standard, {form} form, kernel · pure-torch map ({name})",
+                f"batch {batch}",
+                f"{ratio(t, form, 'standard')} · {ratio(t, form + '_torch', 'standard')}",
+                "–",
+                "–",
+                f"{statistics.median(t['standard']) * 1e3:.1f} ms",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                f"torch.compile: first compiled step (wall s), {form} form, kernel · pure-torch map ({name})",
+                f"standard {cold['standard']:.1f} s",
+                f"{cold[form]:.1f} · {cold[form + '_torch']:.1f}",
+                "–",
+                "–",
+                "",
+                "",
+            ]
+        )
+    return rows
+
+
 def resnet_breakdown(quick: bool) -> int:
     """Where a GmP training step of ResNet-18 at batch 2 spends its extra time over the standard
     step: the map alone (forward+backward of ``scaled_unit`` on every registered layer's radius and
@@ -559,9 +626,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 3, quick 1)")
     p.add_argument(
         "--only",
-        choices=["transform", "mlp", "cnn", "transformer", "resnet", "register", "paper"],
+        choices=["transform", "mlp", "cnn", "transformer", "resnet", "register", "paper", "compile"],
         action="append",
-        help="run only these parts",
+        help="run only these parts (compile, minutes of inductor compiling, runs only when named)",
     )
     p.add_argument(
         "--profile",
@@ -644,6 +711,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
     if "register" in parts:
         rows.append(register_row(reg_sizes, 3))
+    if "compile" in parts:
+        rows += compile_rows(mlp_sizes, mlp_batch, repeats, warmup)
     if "paper" in parts:
         rows.append(
             paper_row(8 if args.quick else 32, 2 if args.quick else 8, 8, repeats * (1 if args.quick else 10), warmup)
