@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._map import check_mode, scaled_unit
+from ._map import check_mode, prepare, scaled_unit
 from ._util import class_name
 from .coords import row_norms, to_hyperspherical
 from .layouts import Layout
@@ -188,6 +188,7 @@ class GeometricWeight(nn.Module):
         if tuple(weight.shape) != tuple(self.shape):
             raise ValueError(f"{what} must have shape {tuple(self.shape)}. Got: {tuple(weight.shape)}")
         check_weight_values(weight, what)
+        prepare(weight)  # the CPU kernel, loaded now for a torch.compile graph traced later
         with torch.no_grad():
             radius, angles = unit_coordinates(self.to_units(weight))
             check_radius(radius, what)

@@ -9,13 +9,15 @@ registration).
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 import georeparam
-from conftest import rel_err, seeded
+from conftest import REPO_ROOT, rel_err, seeded
 from georeparam._map import backend_for, build, cpu_op, scaled_unit, use_backend
 
 pytestmark = pytest.mark.skipif(
@@ -106,3 +108,24 @@ def test_only_inside_compile_and_not_for_float64():
 
     torch.compile(probe, backend="eager", fullgraph=True)(r, a)
     assert seen == {"float32": True, "float64": False}
+
+
+def test_registration_loads_the_kernel_for_a_graph_traced_first():
+    """A fresh process that registers (weight form: no eager forward at all) and compiles at once
+    gets the kernel's ops in its graph: the trace itself cannot load the kernel."""
+    code = (
+        "import torch, georeparam\n"
+        "from georeparam._map import build\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))\n"
+        "georeparam.register(m, form='weight')\n"
+        "assert build.is_loaded()\n"
+        "ops = []\n"
+        "def backend(gm, inputs):\n"
+        "    ops.extend(str(n.target) for n in gm.graph.nodes)\n"
+        "    return gm.forward\n"
+        "torch.compile(m, backend=backend, fullgraph=True)(torch.randn(3, 4))\n"
+        "print(sum('gmp_forward' in o for o in ops))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "2"

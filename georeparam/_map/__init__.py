@@ -14,7 +14,7 @@ r"""The GmP map ``(radius, latitude angles) → r·u``: the library's hot path, 
 """
 
 from ._compat import fast_paths, functorch_wrapped, is_plain
-from .dispatch import backend_for, kernel_status, scaled_unit, unit, use_backend
+from .dispatch import backend_for, kernel_status, prepare, scaled_unit, unit, use_backend
 from .modes import MODES, Mode, check_mode, compute_dtype
 
 __all__ = [
@@ -30,4 +30,5 @@ __all__ = [
     "is_plain",
     "use_backend",
     "backend_for",
+    "prepare",
 ]

@@ -18,11 +18,12 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import cpu, cpu_op, recompute, torch_impl, triton_impl
+from . import build, cpu, cpu_op, recompute, torch_impl, triton_impl
+from ._compat import fast_paths
 from .build import kernel_status
 from .modes import check_mode, work_dtype
 
-__all__ = ["BACKENDS", "Backend", "unit", "scaled_unit", "use_backend", "backend_for", "kernel_status"]
+__all__ = ["BACKENDS", "Backend", "unit", "scaled_unit", "use_backend", "backend_for", "kernel_status", "prepare"]
 
 # (name, applies(radius, angles) -> bool, scaled_unit(radius, angles, mode) -> Tensor), called on
 # tensors promoted to the working dtype with n ≥ 2; "torch" is the fallback and not listed
@@ -70,6 +71,15 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _only = saved
+
+
+def prepare(t: Tensor) -> None:
+    """Load what the backends for tensors like ``t`` need, eagerly (registration calls it): the
+    compiled CPU kernel for a CPU tensor, so that a ``torch.compile`` graph traced before any eager
+    call can use it (Note [The kernel in a compiled graph] in ``cpu_op.py``: the trace cannot load
+    it). Never raises; a no-op under compile and elsewhere."""
+    if fast_paths() and t.device.type == "cpu" and not torch.compiler.is_compiling():
+        build.load()  # cached after the first call
 
 
 def _choose(radius: Tensor, angles: Tensor) -> Optional[Backend]:
