@@ -479,7 +479,7 @@ def compile_rows(sizes: Sequence[int], batch: int, repeats: int, warmup: int) ->
     the kernel's custom ops in the graph (Note [The kernel in a compiled graph] in
     ``georeparam/_map/cpu_op.py``) and with the pure-torch map traced instead (``use_backend("torch")``,
     what every compiled graph ran before), paper and weight form; and the first compiled step's wall
-    time (the compile; it depends on the state of torch's on-disk caches)."""
+    time (a cold compile: Note [A cold compile])."""
     from georeparam._map import use_backend
 
     gen = torch.Generator().manual_seed(3)
@@ -503,6 +503,32 @@ def compile_rows(sizes: Sequence[int], batch: int, repeats: int, warmup: int) ->
         run()
         return run, time.perf_counter() - t0
 
+    # Note [A cold compile]: torch's on-disk caches (FX graphs, generated C++) would make a
+    # second run's "first compiled step" a cache hit; a fresh cache folder and no FX graph cache
+    # make every variant's first step a real compile.
+    import os
+    import tempfile
+
+    import torch._inductor.config as inductor_config
+
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR"), inductor_config.fx_graph_cache
+    tmp = tempfile.TemporaryDirectory(prefix="georeparam-compile-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"], inductor_config.fx_graph_cache = tmp.name, False
+    try:
+        steps, cold = _compiled_steps(compiled_step)
+    finally:
+        if saved[0] is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved[0]
+        inductor_config.fx_graph_cache = saved[1]
+    t = interleaved(steps, repeats, warmup)
+    tmp.cleanup()
+    name = f"MLP {'-'.join(map(str, sizes))}"
+    return _compile_table(t, cold, name, batch)
+
+
+def _compiled_steps(compiled_step):
     steps, cold = {}, {}
     for key, form, backend in [
         ("standard", None, None),
@@ -512,8 +538,10 @@ def compile_rows(sizes: Sequence[int], batch: int, repeats: int, warmup: int) ->
         ("weight_torch", "weight", "torch"),
     ]:
         steps[key], cold[key] = compiled_step(form, backend)
-    t = interleaved(steps, repeats, warmup)
-    name = f"MLP {'-'.join(map(str, sizes))}"
+    return steps, cold
+
+
+def _compile_table(t, cold, name: str, batch: int) -> List[List[str]]:
     rows = []
     for form in ("paper", "weight"):
         rows.append(
@@ -648,7 +676,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="time with this thread's CPU time instead of wall time: steadier on a loaded machine, "
         "only meaningful with --threads 1",
     )
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="run everything with only this map backend (georeparam._map.use_backend: torch, recompute, cpu, ...); "
+        "e.g. --backend recompute times on CPU the pure-torch map other devices get",
+    )
     args = p.parse_args(argv)
+    if args.backend:
+        from georeparam._map import use_backend
+
+        with use_backend(args.backend):
+            return _run(p, args)
+    return _run(p, args)
+
+
+def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.cpu_time:
         if (args.threads or 1) != 1:
             p.error("--cpu-time needs --threads 1 (other threads' work would not be counted)")
@@ -727,7 +770,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, "
         f"median [quartiles] of {repeats} interleaved repeats (3 for transforms of ≥ 10⁷ elements) "
         f"after {warmup} warm-up (ResNet rows: half the repeats); {time.perf_counter() - t0:.0f} s; "
-        f"kernel: {kernel_status()}"
+        f"kernel: {kernel_status()}; backend: {args.backend or 'default'}"
     )
     return 0
 
