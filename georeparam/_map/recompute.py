@@ -1,9 +1,11 @@
 r"""The pure-torch GmP map as one recomputing autograd Function (issue 22, item 1).
 
 ``(radius, angles) → w = r·u(angles)`` with the compiled CPU kernel's structure (Note [The kernel]
-in ``georeparam/_kernel.py``): the graph saves only the radius and the angles, the backward
-recomputes the cosines' running product and runs one reverse scan. What every CUDA (without
-Triton), ``torch.compile``, ``torch.func`` and other-device user gets.
+in ``georeparam/_map/cpu.py``): the graph saves only the radius and the angles, the backward
+recomputes the cosines' running product and runs one reverse scan. What every non-CPU device
+gets where the Triton map does not run (CUDA without triton, CUDA under ``torch.compile`` or
+``torch.func``, MPS, XPU, …), and the CPU with ``use_backend("recompute")`` (Note [Which
+pure-torch map] in ``dispatch.py``).
 
 Public (internal) names: :func:`scaled_unit`, :func:`weight`, :func:`weight_grads`,
 :func:`block_elements`.
