@@ -179,7 +179,7 @@ def uci_overview(merged):
 
 COMMITTED = Path(__file__).resolve().parent / "results"
 #: the summary that renders a committed folder, by experiment name
-COMMITTED_ORDER = ("mnist1d", "digits", "lr-sweep", "uci")
+COMMITTED_ORDER = ("mnist1d", "digits", "lr-sweep", "uci", "levy")
 
 
 def _committed_summary(name):

@@ -259,6 +259,26 @@ def test_digits_quick(tmp_path):
     assert "Digits CNN" in text and len(list((tmp_path / "seeds").glob("seed_*.json"))) == 1
 
 
+def test_levy_lr_grid_reports_the_paper_rule_and_matched_lrs_from_seed_files(tmp_path):
+    """``levy --lrs``: every method at every learning rate, one file per seed, nothing chosen (the
+    notebook holds nothing out); the paper's rule is read off the same runs as the matched lrs."""
+    from benchmarks import results_to_docs as R
+    from benchmarks.reproduce import levy
+
+    out = tmp_path / "levy-matched"
+    argv = ["levy", "--quick", "--epochs", "20", "--lrs", "0.01,0.1", "--seeds", "2", "--draw", "official"]
+    assert main(argv + ["--methods", "SP,GmP", "--out", str(out), "--quiet", "--no-plots"]) == 0
+    assert sorted(p.name for p in (out / "seeds").glob("*.json")) == ["seed_0.json", "seed_1.json"]
+    text = "\n".join(R.committed_sections(tmp_path, tmp_path, plots=False))
+    assert levy.DRAW_TITLE["official"] in text and "chosen lr (val)" not in text and "◀" not in text
+    header, rows = C.parse_markdown_table(text.split(levy.DRAW_TITLE["official"])[1])
+    assert header == ["method", "paper's rule (GmP 0.1, others 0.01)", "matched lr 0.01", "matched lr 0.1"]
+    sp, gmp = (dict(zip(header, r)) for r in rows)
+    assert sp[header[1]] == sp["matched lr 0.01"] and gmp[header[1]] == gmp["matched lr 0.1"]
+    with pytest.raises(SystemExit, match="exclude"):
+        main(argv + ["--lr", "0.1", "--out", str(tmp_path / "x"), "--quiet", "--no-plots"])
+
+
 def test_uci_tuned_quick_pools_datasets(tmp_path):
     p = C.data_root() / "uci" / "yacht" / "data.txt"
     if not p.exists():

@@ -5,7 +5,7 @@ Names: ``uci``, ``banana``, ``levy`` (the paper's), ``mnist1d``, ``digits`` and 
 ``--smoke`` for a one-epoch device check). ``mnist1d`` and ``digits`` tune the learning rate per
 method on validation by default (``--protocol tuned``; ``uci --protocol tuned``), see
 ``tuned.py``'s Note [Which learning rate is compared]; ``levy --lr X`` runs every method at one
-learning rate (a matched-lr control). Each shows
+learning rate (a matched-lr control), ``levy --lrs 0.01,0.1`` at both (per-seed files). Each shows
 tqdm progress on stderr and writes ``NAME.md`` (tables, protocol, command and wall time),
 ``NAME.json`` (every run) and PNG plots to ``--out`` (default ``results/NAME``). ``--quick`` is a
 smoke run (its numbers mean nothing). Experiments whose data are absent say why and exit 0.

@@ -11,6 +11,11 @@ Adam (lr 0.1 GmP / 0.01 others, ε 1e-7), float64; ``ReduceLROnPlateau(×0.1, pa
 ``EarlyStopping(patience 1000, restore_best_weights)`` on the training loss (``monitor='loss'``:
 the notebook holds nothing out, and neither do we — the test grid never steers training).
 
+``--lr X`` runs every method at ``X``. ``--lrs 0.01,0.1`` runs every method at every learning rate of
+the grid and writes one JSON per seed under ``OUT/seeds`` (``tuned.py``'s Note [Per-seed result
+files]); with no held-out split nothing is chosen, and the same runs are read as the paper's rule
+(GmP 0.1, others 0.01) and as matched learning rates (``benchmarks/results/levy-matched``).
+
 # Note [The official 1-D unit]
 The official 1-D GmP unit (``models.py``, ``DenseReparam`` with ``n_in == 1``) is
 ``r·ReLU(s·x + λ)``: the direction ``s = sign(w₀)`` is frozen (a stop-gradient), ``r = |w₀|`` from
@@ -36,6 +41,7 @@ from torch import nn
 import georeparam
 
 from . import common as C
+from . import tuned as TU
 
 NAME = "levy"
 TITLE = "Levy 1-D regression (official protocol)"
@@ -73,6 +79,12 @@ def add_arguments(p) -> None:
         type=float,
         default=None,
         help="every method at this learning rate (a matched-lr control; default: the paper's rule)",
+    )
+    p.add_argument(
+        "--lrs",
+        default=None,
+        help="every method at every learning rate of this grid (0.01,0.1: the paper's rule and both matched "
+        "controls from one run), one JSON per seed under OUT/seeds; nothing is chosen (no held-out split)",
     )
     p.add_argument("--record-every", type=int, default=10, help="epochs between recorded characteristic points (plot)")
 
@@ -114,47 +126,66 @@ def points_1d(model) -> np.ndarray:
     return characteristic_points(model[0], norm=norm)[0][:, 0].numpy().copy()
 
 
+METRIC = TU.Metric(
+    test="rmse", val=None, mode="min", kind="logratio", digits=3, effect_digits=3, label="test RMSE"
+)  # no held-out split: nothing is chosen (summarize_unit reports the paper's rule and matched lrs)
+DRAW_TITLE = {
+    "official": "Levy, official draw (data seed 0; seeds vary only the initial weights)",
+    "per-seed": "Levy, per-seed draws (a new 50-point draw per seed)",
+}
+
+
+def train_one(method: str, seed: int, draw: str, lr: float, epochs: int, *, on_epoch=None, progress=None):
+    """One notebook run; returns ``(record, model, prediction on the test grid)``."""
+    x, y, grid, truth = make_data(0 if draw == "official" else seed)
+    model = build(method, seed)
+    cfg = C.FitConfig(lr=lr, epochs=epochs, batch_size=None, mode="min", patience=1000, plateau_patience=500)
+    res = C.fit(
+        model,
+        (_t(x), _t(y)),
+        loss_fn=lambda p, t: (p - t).abs().mean(),
+        cfg=cfg,
+        seed=seed,
+        on_epoch=on_epoch,
+        progress=progress,
+    )
+    with torch.no_grad():
+        pred = model(_t(grid)).numpy().ravel()
+    rmse = float(np.sqrt(np.mean((pred - truth.ravel()) ** 2)))
+    rec = dict(seed=seed, rmse=rmse, train_mae=res.best_monitored, epochs=res.epochs, nonfinite=res.nonfinite)
+    return rec, model, pred
+
+
 def run(args) -> dict:
     epochs = args.epochs or (100 if args.quick else 10000)
     draws = ["official", "per-seed"] if args.draw == "both" else [args.draw]
     methods, seeds = args.methods, args.seeds
+    if args.lrs is not None:
+        if args.lr is not None:
+            raise SystemExit("levy: --lr and --lrs exclude each other (--lrs 0.1 is one matched learning rate)")
+        config = dict(protocol="grid", epochs=epochs, draws=draws, optimizer="adam")
+        return TU.run_tuned(
+            args, NAME, draws, lambda d, m, s, lr: train_one(m, s, d, lr, epochs)[0], config, tuned_summary
+        )
     results = {d: {m: [] for m in methods} for d in draws}
     tracks, fits = {}, {}
     bar = C.progress_bar(len(draws) * len(methods) * len(seeds), "levy", args.quiet)
     for draw in draws:
         for seed in seeds:
-            x, y, grid, truth = make_data(0 if draw == "official" else seed)
             for method in methods:
-                model = build(method, seed)
                 lr = C.paper_lr(method) if args.lr is None else args.lr
-                cfg = C.FitConfig(
-                    lr=lr, epochs=epochs, batch_size=None, mode="min", patience=1000, plateau_patience=500
-                )
                 track = []
                 on_epoch = None
                 if draw == draws[0] and seed == seeds[0]:
-                    track.append((0, points_1d(model)))
+                    track.append((0, points_1d(build(method, seed))))  # the same draw train_one starts from
 
                     def on_epoch(epoch, m, track=track):
                         if epoch % args.record_every == 0:
                             track.append((epoch, points_1d(m)))
 
                 bar.set_description(f"levy {draw} {method} seed {seed}", refresh=False)
-                res = C.fit(
-                    model,
-                    (_t(x), _t(y)),
-                    loss_fn=lambda p, t: (p - t).abs().mean(),
-                    cfg=cfg,
-                    seed=seed,
-                    on_epoch=on_epoch,
-                    progress=bar,
-                )
-                with torch.no_grad():
-                    pred = model(_t(grid)).numpy().ravel()
-                rmse = float(np.sqrt(np.mean((pred - truth.ravel()) ** 2)))
-                results[draw][method].append(
-                    dict(seed=seed, rmse=rmse, train_mae=res.best_monitored, epochs=res.epochs, nonfinite=res.nonfinite)
-                )
+                rec, model, pred = train_one(method, seed, draw, lr, epochs, on_epoch=on_epoch, progress=bar)
+                results[draw][method].append(rec)
                 if track:
                     tracks[method], fits[method] = track, pred
                 bar.update(1)
@@ -168,6 +199,28 @@ def run(args) -> dict:
         x, y, grid, truth = make_data(0 if draws[0] == "official" else seeds[0])
         files.append(plot_fit(x, y, grid, truth, fits, Path(args.out) / "levy_fit.png"))
     return dict(table=tables[0], extra_tables=tables[1:], notes=notes, files=files, results=results, config=config)
+
+
+NOTES = (
+    "≤{epochs} epochs, full batch, MAE, Adam (ε 1e-7), float64; plateau ×0.1 after 500 and early stop after 1000 epochs on the training loss "
+    "(as the notebook). Test RMSE against the noiseless function on the notebook's 201-point grid."
+)
+
+
+def tuned_summary(results, seeds, config):
+    """``(tables, notes)`` of a ``--lrs`` run, from ``results[draw][method][lr]`` (the per-seed files)."""
+    tables = [
+        "\n".join(TU.summarize_unit(DRAW_TITLE[d], results[d], seeds, METRIC, METHODS, LABELS, C.paper_lr))
+        for d in config["draws"]
+        if d in results
+    ]
+    notes = NOTES.format(epochs=config["epochs"]) + (
+        " The notebook holds nothing out, so no learning rate is chosen: every method ran at every learning rate "
+        "of the grid, read as the paper's rule (GmP 0.1, others 0.01) and as matched learning rates. Ratios: geometric "
+        "mean over seeds of the per-seed test-RMSE ratio (method / SP), 95 % t interval on the log scale; "
+        "wins: same seed, lower test RMSE than SP; p: two-sided exact sign test."
+    )
+    return tables, notes
 
 
 def summarize(results, seeds, config):
@@ -206,10 +259,8 @@ def summarize(results, seeds, config):
             f"{'Official draw' if draw == 'official' else 'Per-seed draws'} — {what}:\n\n"
             + C.markdown_table(header, rows)
         )
-    notes = (
-        f"≤{config['epochs']} epochs, full batch, MAE, Adam (ε 1e-7), float64; plateau ×0.1 after 500 and early stop after 1000 epochs on the training loss "
-        "(as the notebook). Test RMSE against the noiseless function on the notebook's 201-point grid. "
-        "Wins: paired runs (same seed) with a lower test RMSE than SP; p: two-sided exact sign test."
+    notes = NOTES.format(epochs=config["epochs"]) + (
+        " Wins: paired runs (same seed) with a lower test RMSE than SP; p: two-sided exact sign test."
     )
     return tables, notes
 

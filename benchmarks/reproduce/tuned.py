@@ -276,14 +276,18 @@ def summarize_unit(
     reference: str = "SP",
 ) -> List[str]:
     """Three Markdown tables for one unit (a model on a dataset): the test metric of every method
-    under each rule, the effect against ``reference`` under each rule, and the full grid."""
+    under each rule, the effect against ``reference`` under each rule, and the full grid. A
+    metric whose ``val`` is None (an experiment with no held-out split, Levy) chooses nothing: only
+    the paper's rule and the matched learning rates are reported."""
     methods = [m for m in methods_order if m in per_method]
     fmt = lambda recs: T.fmt_mean_std([r[metric["test"]] for r in recs], metric["digits"]) if recs else "—"  # noqa: E731
-    rules = [r for r in RULES if r in ("best", "per-seed", "paper") or any(r in per_method[m] for m in methods)]
+    selects = metric.get("val") is not None
+    fixed = ("paper",) if not selects else ("best", "per-seed", "paper")
+    rules = [r for r in RULES if r in fixed or any(r in per_method[m] for m in methods)]
+    chosen = {m: choose(per_method[m], metric) for m in methods} if selects else {}
     rows = []
     for m in methods:
-        best = choose(per_method[m], metric)
-        cells = [labels[m], best]
+        cells = [labels[m]] + ([chosen[m]] if selects else [])
         for rule in rules:
             cells.append(fmt(rule_records(per_method, m, rule, metric, paper_lr)))
         rows.append(cells)
@@ -291,7 +295,7 @@ def summarize_unit(
     out = [
         f"**{title}** — {metric['label']} (mean ± std over {n} seeds) under each learning-rate rule:",
         "",
-        T.markdown_table(["method", "chosen lr (val)"] + [RULE_TEXT[r] for r in rules], rows),
+        T.markdown_table(["method"] + (["chosen lr (val)"] if selects else []) + [RULE_TEXT[r] for r in rules], rows),
         "",
     ]
     if reference in methods and len(methods) > 1:
@@ -326,16 +330,11 @@ def summarize_unit(
     keys = sorted({k for m in methods for k in per_method[m]}, key=float)
     grows = [
         [labels[m]]
-        + [
-            (fmt(per_method[m][k]) + (" ◀" if k == choose(per_method[m], metric) else ""))
-            if k in per_method[m]
-            else "—"
-            for k in keys
-        ]
+        + [(fmt(per_method[m][k]) + (" ◀" if k == chosen.get(m) else "")) if k in per_method[m] else "—" for k in keys]
         for m in methods
     ]
     out += [
-        f"Full grid — {metric['label']} per learning rate (◀: chosen on validation):",
+        f"Full grid — {metric['label']} per learning rate" + (" (◀: chosen on validation):" if selects else ":"),
         "",
         T.markdown_table(["method \\ lr"] + keys, grows),
         "",
