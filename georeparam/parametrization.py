@@ -145,7 +145,7 @@ class GeometricWeight(nn.Module):
         # with no r exactly 0, |r| (torch's abs: ∂/∂r = sign(r) = s there) replaces the five ops.
         # With the sign hook's own shortcuts (georeparam.signs.SignHook._apply), measured by
         # ``benchmarks/speed.py --only paper`` (1 thread, CPU time, 2-core AMD EPYC): 133 · 160 µs
-        # → 29–37 · 87–109 µs per layer and step (all r > 0 · every other r < 0; the spread is
+        # → 29–39 · 87–115 µs per layer and step (all r > 0 · every other r < 0; the spread is
         # the host's load).
         if readable(r):
             low = smallest(r)

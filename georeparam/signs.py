@@ -59,8 +59,11 @@ __all__ = [
 def unit_sign(radius: Tensor) -> Tensor:
     """``sign(r)`` with ``sign(0) = +1`` (``-0.0`` too), as a constant (no gradient): Note [The gradient at r = 0]."""
     r = radius.detach()
-    if readable(r):
-        return _host_sign(r)
+    return _host_sign(r) if readable(r) else _where_sign(r)
+
+
+def _where_sign(r: Tensor) -> Tensor:
+    """:func:`unit_sign`'s general form, for any detached ``r``."""
     s = torch.where(r < 0, -1.0, 1.0)  # two ops (was four: ~12 → ~8 µs on a small layer)
     return s if s.dtype == r.dtype else s.to(r.dtype)
 
@@ -68,10 +71,7 @@ def unit_sign(radius: Tensor) -> Tensor:
 def _host_sign(r: Tensor) -> Tensor:
     """:func:`unit_sign` of a detached :func:`readable` ``r``: torch's ``sign`` where no entry is 0
     or NaN (Note [Reading a sign on the host]), else the general form."""
-    if smallest(r.abs()) > 0:
-        return r.sign()
-    s = torch.where(r < 0, -1.0, 1.0)
-    return s if s.dtype == r.dtype else s.to(r.dtype)
+    return r.sign() if smallest(r.abs()) > 0 else _where_sign(r)
 
 
 def readable(*tensors: Tensor) -> bool:

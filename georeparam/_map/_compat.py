@@ -49,6 +49,18 @@ def functorch_wrapped(t: Tensor) -> bool:
     return fn is None or bool(fn(t))
 
 
+def paired(radius: Tensor, angles: Tensor) -> bool:
+    """The contract every specialised backend's ``applies`` checks first (not a torch probe, kept
+    beside :func:`is_plain`): ``radius`` of shape ``angles.shape[:-1]``, same dtype and device,
+    and at least one row to compute."""
+    return (
+        radius.dtype == angles.dtype
+        and radius.device == angles.device
+        and tuple(radius.shape) == tuple(angles.shape)[:-1]
+        and angles.numel() > 0
+    )
+
+
 def is_plain(*tensors: Optional[Tensor]) -> bool:
     """Eager, and no tensor is a functorch wrapper (vmap/grad level) or a subclass other than
     Parameter: what a fast path that reads the tensors' values or memory needs."""

@@ -41,11 +41,11 @@ import torch
 from torch import Tensor
 
 from . import build
-from ._compat import FAST_PATHS, apply_direct, direct_apply, exporting, functorch_active, is_plain
+from ._compat import FAST_PATHS, apply_direct, direct_apply, exporting, functorch_active, is_plain, paired
 from .pool import LazyPool
 from .torch_impl import unit_backward, unit_forward_traced, unit_jvp
 
-__all__ = ["applies", "scaled_unit", "ScaledUnitKernel", "kernel_dtypes", "KERNEL_DTYPES"]
+__all__ = ["applies", "takes", "scaled_unit", "ScaledUnitKernel", "kernel_dtypes", "KERNEL_DTYPES"]
 
 # Note [float64 stays on the pure-torch map]
 # The kernel has a float64 variant (tested to agree within 1e-12), but float64 parameters keep
@@ -155,20 +155,19 @@ class ScaledUnitKernel(torch.autograd.Function):
         return dw if d_radius is None else dw + d_radius.unsqueeze(-1) * u
 
 
-def applies(radius: Tensor, angles: Tensor) -> bool:
-    """Whether the kernel runs for these (already promoted) tensors: it is built here and they are
-    plain eager CPU tensors of a kernel dtype (:data:`KERNEL_DTYPES`)."""
+def takes(radius: Tensor, angles: Tensor) -> bool:
+    """Whether the kernel can compute these (already promoted) tensors, eagerly or inside a
+    compiled graph: fast paths on, CPU tensors of a kernel dtype (:data:`KERNEL_DTYPES`),
+    :func:`paired`, and neither export nor a ``torch.func`` transform."""
     if not FAST_PATHS or angles.device.type != "cpu" or angles.dtype not in KERNEL_DTYPES:
         return False
-    if (
-        radius.dtype != angles.dtype
-        or radius.device != angles.device
-        or tuple(radius.shape) != tuple(angles.shape)[:-1]
-    ):
-        return False
-    if angles.numel() == 0 or functorch_active() or exporting() or not is_plain(radius, angles):
-        return False
-    return build.load() is not None
+    return paired(radius, angles) and not functorch_active() and not exporting()
+
+
+def applies(radius: Tensor, angles: Tensor) -> bool:
+    """Whether the kernel runs for these (already promoted) tensors: :func:`takes`, plain eager
+    tensors, and the kernel built here."""
+    return takes(radius, angles) and is_plain(radius, angles) and build.load() is not None
 
 
 def scaled_unit(radius: Tensor, angles: Tensor, mode: str) -> Tensor:

@@ -6,14 +6,14 @@ map instead (float64 cosines, ``cumprod``/``cumsum`` fallbacks). Registered as t
 autograd formula, the kernel runs inside the compiled graph too (inductor calls it as an external
 kernel, like a matmul) and the rest of the step is still compiled around it.
 
-Public (internal) names: :func:`available`, :func:`applies`, :func:`scaled_unit`.
+Public (internal) names: :func:`applies`, :func:`scaled_unit`.
 
 # Note [The kernel in a compiled graph]
-Measured (MLP 784-1024-1024-10, batch 256, SGD step, 1 thread, thread CPU time, inductor,
-11 interleaved rounds, on the loaded 2-core AMD EPYC; ``/work``-style scratch script kept in
-docs/speed.md): compiled GmP / compiled standard 2.08 → 1.54 in the paper's form and 1.26 in the
-weight form, where eager GmP / eager standard reads 1.25–1.32; the cold compile of the GmP model
-18 s → 10 s (paper form) and 4.6 s (weight form). Only first-order gradients: a compiled graph is
+Measured (``benchmarks/speed.py --threads 1 --cpu-time --only compile --repeats 11``: MLP
+784-1024-1024-10, batch 256, SGD step, inductor, on a 2-core AMD EPYC, docs/speed.md *EPYC-24*),
+compiled GmP / compiled standard with the pure-torch map traced → with these ops: 1.87 → 1.48 in
+the paper's form, 1.64 → 1.23 in the weight form (eager GmP / eager standard 1.24–1.26); the
+first compiled step (a cold compile) 24.2 → 9.4 s and 10.1 → 3.1 s. Only first-order gradients: a compiled graph is
 not differentiated twice (AOTAutograd does not support it), and ``torch.func`` transforms,
 ``torch.export`` and float64 keep the pure-torch map (Note [float64 stays on the pure-torch map]
 in ``cpu.py``). Needs ``torch.library.custom_op`` (torch ≥ 2.4); older torch keeps the pure-torch
@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from . import build, cpu
-from ._compat import FAST_PATHS, exporting, functorch_active
+from ._compat import FAST_PATHS
 
-__all__ = ["available", "applies", "scaled_unit"]
+__all__ = ["applies", "scaled_unit"]
 
 _OPS = FAST_PATHS and hasattr(torch.library, "custom_op")
 
@@ -64,21 +64,10 @@ if _OPS:
     gmp_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def available() -> bool:
-    """Whether the custom ops exist (torch ≥ 2.4, fast paths on) and the kernel is loaded."""
-    return _OPS and build.is_loaded()
-
-
 def applies(radius: Tensor, angles: Tensor) -> bool:
-    """Inside ``torch.compile`` (not export, not a ``torch.func`` transform), for CPU tensors of a
-    kernel dtype with matching shapes, once the kernel is loaded (registering a CPU layer loads it)."""
-    if not _OPS or not torch.compiler.is_compiling() or exporting() or functorch_active():
-        return False
-    if angles.device.type != "cpu" or angles.dtype not in cpu.KERNEL_DTYPES or radius.dtype != angles.dtype:
-        return False
-    if radius.device != angles.device or tuple(radius.shape) != tuple(angles.shape)[:-1]:
-        return False
-    return build.is_loaded()
+    """Inside ``torch.compile``, where the kernel takes the tensors (:func:`georeparam._map.cpu.takes`)
+    and is loaded already (registering a CPU layer loads it; a trace cannot)."""
+    return _OPS and torch.compiler.is_compiling() and cpu.takes(radius, angles) and build.is_loaded()
 
 
 def scaled_unit(radius: Tensor, angles: Tensor, mode: str) -> Tensor:

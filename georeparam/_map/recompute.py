@@ -65,7 +65,7 @@ from torch import Tensor
 from ._compat import direct_apply, exporting, functorch_active, is_plain
 from .modes import compute_dtype
 from .torch_impl import unit_forward_traced as u_and_prefix
-from .torch_impl import unit_jvp
+from .torch_impl import batch_first, unit_jvp
 
 __all__ = ["scaled_unit", "weight", "weight_grads", "block_elements"]
 
@@ -217,13 +217,8 @@ def _backward(radius: Tensor, angles: Tensor, g: Tensor, mode: str) -> Tuple[Ten
 
 
 def _vmap_rule(fn, info, in_dims, radius: Tensor, angles: Tensor, mode: str):
-    """The map is row-wise: a batch dimension is one more leading dimension (an unbatched input
-    is expanded to the batch)."""
-
-    def front(x: Tensor, d: Optional[int]) -> Tensor:
-        return x.movedim(d, 0) if d is not None else x.expand((info.batch_size,) + x.shape)
-
-    return fn.apply(front(radius, in_dims[0]), front(angles, in_dims[1]), mode), 0
+    """vmap rule (Note [vmap rule] in ``torch_impl.py``), one output."""
+    return fn.apply(*batch_first(info, in_dims, radius, angles), mode), 0
 
 
 class ScaledUnitRecompute(torch.autograd.Function):

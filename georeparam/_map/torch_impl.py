@@ -29,6 +29,7 @@ __all__ = [
     "unit_forward_traced",
     "unit_backward",
     "unit_jvp",
+    "batch_first",
     "UnitVector",
     "ScaledUnitVector",
     "UnitVectorFwAD",
@@ -369,14 +370,17 @@ class UnitVector(torch.autograd.Function):
         return UnitVector.apply(angles.movedim(in_dims[0], 0), mode), (0, 0)
 
 
+def batch_first(info, in_dims, *tensors: Tensor) -> Tuple[Tensor, ...]:
+    """A vmap rule's tensor inputs with the batch dimension first (Note [vmap rule]: the map is
+    row-wise, so the batch is one more leading dimension); an unbatched one is expanded to the batch."""
+    return tuple(
+        x.movedim(d, 0) if d is not None else x.expand((info.batch_size,) + x.shape) for x, d in zip(tensors, in_dims)
+    )
+
+
 def _vmap_scaled(fn, info, in_dims, radius: Tensor, angles: Tensor, mode: str):
-    """vmap rule of the scaled map (Note [vmap rule]): batch dimension first; an unbatched
-    radius or angles tensor is expanded to the batch."""
-
-    def front(x: Tensor, d: Optional[int]) -> Tensor:
-        return x.movedim(d, 0) if d is not None else x.expand((info.batch_size,) + x.shape)
-
-    return fn.apply(front(radius, in_dims[0]), front(angles, in_dims[1]), mode), (0, 0, 0)
+    """vmap rule of the scaled map (Note [vmap rule]), three outputs."""
+    return fn.apply(*batch_first(info, in_dims, radius, angles), mode), (0, 0, 0)
 
 
 class ScaledUnitVector(torch.autograd.Function):

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from . import recompute
-from ._compat import exporting, fast_paths, functorch_active, is_plain
+from ._compat import exporting, fast_paths, functorch_active, is_plain, paired
 
 _KERNELS = None  # the module georeparam._map.triton_kernels once imported
 _IMPORT_ERROR: Optional[str] = None
@@ -105,13 +105,7 @@ def applies(radius: Tensor, angles: Tensor) -> bool:
     and plain (no ``torch.compile``, ``torch.func`` transform, export or subclass)."""
     if not _ENABLED or angles.device.type != "cuda" or angles.dtype not in _DTYPES:
         return False
-    if (
-        radius.dtype != angles.dtype
-        or radius.device != angles.device
-        or tuple(radius.shape) != tuple(angles.shape[:-1])
-    ):
-        return False
-    if angles.shape[-1] < 1 or angles.numel() == 0:
+    if angles.shape[-1] < 1 or not paired(radius, angles):
         return False
     if functorch_active() or exporting() or not is_plain(radius, angles):
         return False
